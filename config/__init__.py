@@ -1,0 +1,68 @@
+"""The whole config system, nanoGPT-style.
+
+A script defines its config as plain module globals (ints, floats, bools, strings, tuples, None),
+then calls `configure(globals())`. Each command-line argument is either a path to a `config/*.py`
+file, which is executed over those globals, or `--key=value`, which overrides one of them. Unknown
+keys and type mismatches are errors, so a typo never silently trains the wrong model.
+"""
+import ast
+import sys
+
+CONFIG_TYPES = (int, float, bool, str, tuple, type(None))
+
+
+def config_keys(namespace):
+    """The names a user may set: the script's simple-typed, non-underscore globals."""
+    return [k for k, v in namespace.items()
+            if not k.startswith("_") and isinstance(v, CONFIG_TYPES) and not callable(v)]
+
+
+def parse_value(text):
+    """`--lr=3e-4` -> 3e-4, `--name=vits` -> 'vits' (a bare word stays a string)."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def check_type(key, old, new):
+    """Allow int where float is expected and anything where None was the default; else exact."""
+    if old is None or new is None:
+        return new
+    if isinstance(old, float) and isinstance(new, int) and not isinstance(new, bool):
+        return float(new)
+    if isinstance(old, tuple) and isinstance(new, (list, int, float, str)):
+        new = tuple(new) if isinstance(new, list) else (new,)
+    if type(old) is not type(new):
+        raise TypeError(f"config key '{key}': expected {type(old).__name__} "
+                        f"(default {old!r}), got {type(new).__name__} {new!r}")
+    return new
+
+
+def configure(namespace, argv=None):
+    """Apply config files and --key=value overrides to `namespace`; return the final config dict."""
+    argv = sys.argv[1:] if argv is None else argv
+    keys = set(config_keys(namespace))
+    for arg in argv:
+        if not arg.startswith("--"):
+            # a config file: plain Python assigning some of the keys
+            file_vars = {}
+            try:
+                with open(arg) as f:
+                    exec(compile(f.read(), arg, "exec"), {}, file_vars)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"config file '{arg}' not found (expected a path like config/omnirad_vits14.py)")
+            for key, value in file_vars.items():
+                if key.startswith("_") or isinstance(value, type(sys)) or callable(value):
+                    continue
+                if key not in keys:
+                    raise KeyError(f"{arg}: unknown config key '{key}'")
+                namespace[key] = check_type(key, namespace[key], value)
+        else:
+            if "=" not in arg:
+                raise ValueError(f"argument '{arg}': expected --key=value")
+            key, text = arg[2:].split("=", 1)
+            if key not in keys:
+                raise KeyError(f"unknown config key '{key}'; known keys: {', '.join(sorted(keys))}")
+            namespace[key] = check_type(key, namespace[key], parse_value(text))
+    return {k: namespace[k] for k in sorted(keys)}
