@@ -5,6 +5,530 @@ Dinov2 and timm key formats) and a BART-lite encoder-decoder for captioning."""
 # ViT (DINOv2 layout)
 # ----------------------------------------------------------------------------------------------
 
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import kernels
+
+# name -> (embed_dim, depth, num_heads); DINOv2 keeps a head dim of 64 at every size
+VIT_SIZES = {
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+    "giant": (1536, 40, 24),
+}
+
+
+@dataclass
+class ViTConfig:
+    img_size: int = 224            # the size the position embedding is stored for
+    patch_size: int = 14
+    in_chans: int = 3
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    ffn: str = "mlp"               # "mlp" (GELU) or "swiglu" (ViT-g)
+    n_registers: int = 0
+    layerscale_init: float | None = 1e-5   # None: no LayerScale (plain timm ViT)
+    drop_path_rate: float = 0.0
+    drop_path_uniform: bool = False        # DINOv2 ViT-L/g recipes use the same rate in every block
+    qkv_bias: bool = True
+    # position-embedding resampling: DINOv2 official = offset 0.1, no antialias; DINOv2 _reg4 and
+    # timm = offset 0 (explicit output size) with antialias; HF Dinov2 = offset 0, no antialias
+    interpolate_offset: float = 0.1
+    interpolate_antialias: bool = False
+
+
+def vit_config(size="small", **overrides):
+    """ViTConfig for a named size; giant uses SwiGLU as in DINOv2."""
+    if size not in VIT_SIZES:
+        raise ValueError(f"unknown ViT size '{size}', expected one of {list(VIT_SIZES)}")
+    embed_dim, depth, num_heads = VIT_SIZES[size]
+    base = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, ffn="swiglu" if size == "giant" else "mlp")
+    base.update(overrides)
+    return ViTConfig(**base)
+
+
+def resample_pos_embed(patch_pos_embed, grid_hw, offset=0.1, antialias=False):
+    """Bicubic resampling of a square (1, M*M, D) position grid to (1, h*w, D).
+
+    offset > 0 is DINOv2's historical kludge (dino issue #8): it passes scale factors (h+offset)/M
+    instead of an output size, which changes the sampling positions slightly. Official DINOv2 uses
+    0.1 without antialias; DINOv2 _reg4 and timm pass the size (offset 0) with antialias; HF Dinov2
+    passes the size without antialias.
+    """
+    n, dim = patch_pos_embed.shape[1], patch_pos_embed.shape[2]
+    m = int(math.sqrt(n))
+    if m * m != n:
+        raise ValueError(f"position embedding has {n} patch positions, expected a square grid")
+    h, w = grid_hw
+    if (h, w) == (m, m):
+        return patch_pos_embed
+    grid = patch_pos_embed.float().reshape(1, m, m, dim).permute(0, 3, 1, 2)
+    if offset:
+        size_or_scale = dict(scale_factor=((h + offset) / m, (w + offset) / m))
+    else:
+        size_or_scale = dict(size=(h, w))
+    grid = F.interpolate(grid, mode="bicubic", antialias=antialias, **size_or_scale)
+    assert grid.shape[-2:] == (h, w), f"resampled grid {tuple(grid.shape[-2:])} != {(h, w)}"
+    return grid.permute(0, 2, 3, 1).reshape(1, h * w, dim).to(patch_pos_embed.dtype)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, in_chans, embed_dim):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        H, W = x.shape[-2:]
+        if H % self.patch_size or W % self.patch_size:
+            raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {self.patch_size}")
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, h*w, D), row-major patches
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads, qkv_bias=True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = kernels.attention(qkv[0], qkv[1], qkv[2])  # fused kernel on CUDA, SDPA elsewhere
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class SwiGLU(nn.Module):
+    """DINOv2's SwiGLUFFNFused: 2/3 of the MLP width, rounded up to a multiple of 8."""
+    def __init__(self, dim, hidden):
+        super().__init__()
+        hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(x1) * x2)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim, init_value):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+def drop_path(x, rate, training):
+    """Stochastic depth: drop the whole residual branch for a random subset of samples."""
+    if rate == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - rate)
+    return x * keep / (1 - rate)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, drop_path_rate):
+        super().__init__()
+        dim, hidden = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, cfg.num_heads, cfg.qkv_bias)
+        self.ls1 = LayerScale(dim, cfg.layerscale_init) if cfg.layerscale_init is not None else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = SwiGLU(dim, hidden) if cfg.ffn == "swiglu" else Mlp(dim, hidden)
+        self.ls2 = LayerScale(dim, cfg.layerscale_init) if cfg.layerscale_init is not None else nn.Identity()
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, x):
+        x = x + drop_path(self.ls1(self.attn(self.norm1(x))), self.drop_path_rate, self.training)
+        x = x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path_rate, self.training)
+        return x
+
+
+class ViT(nn.Module):
+    """DINOv2 vision transformer. Parameter names are the official torch.hub ones, so an official
+    checkpoint loads with no renaming (and a timm one nearly so)."""
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        if config.ffn not in ("mlp", "swiglu"):
+            raise ValueError(f"ViTConfig.ffn: expected 'mlp' or 'swiglu', got {config.ffn!r}")
+        if config.embed_dim % config.num_heads:
+            raise ValueError(f"embed_dim {config.embed_dim} is not divisible by num_heads {config.num_heads}")
+        self.config = config
+        self.embed_dim, self.patch_size, self.n_registers = config.embed_dim, config.patch_size, config.n_registers
+        D = config.embed_dim
+        grid = config.img_size // config.patch_size
+        self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, D)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, D))  # no positions for registers
+        self.register_tokens = nn.Parameter(torch.zeros(1, config.n_registers, D)) if config.n_registers else None
+        self.mask_token = nn.Parameter(torch.zeros(1, D))
+        if config.drop_path_uniform:
+            rates = [config.drop_path_rate] * config.depth
+        else:
+            rates = torch.linspace(0, config.drop_path_rate, config.depth).tolist()
+        self.blocks = nn.ModuleList([Block(config, r) for r in rates])
+        self.norm = nn.LayerNorm(D, eps=1e-6)
+        self.init_weights()
+
+    def init_weights(self):
+        # as DINOv2: truncated-normal positions and linears, tiny CLS/registers, zero mask token
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.register_tokens is not None:
+            nn.init.normal_(self.register_tokens, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def interpolate_pos_encoding(self, grid_hw):
+        pos = self.pos_embed
+        patch_pos = resample_pos_embed(pos[:, 1:], grid_hw, self.config.interpolate_offset,
+                                       self.config.interpolate_antialias)
+        return torch.cat([pos[:, :1], patch_pos], dim=1)
+
+    def prepare_tokens(self, x, masks=None):
+        B, _, H, W = x.shape
+        x = self.patch_embed(x)
+        if masks is not None:  # iBOT: masked patches see the learned mask token instead of the image
+            x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
+        x = x + self.interpolate_pos_encoding((H // self.patch_size, W // self.patch_size)).to(x.dtype)
+        if self.register_tokens is not None:
+            x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]], dim=1)
+        return x
+
+    def forward_features(self, x, masks=None):
+        x = self.prepare_tokens(x, masks)
+        for block in self.blocks:
+            x = block(x)
+        x_norm = self.norm(x)
+        R = self.n_registers
+        return {
+            "x_norm_clstoken": x_norm[:, 0],
+            "x_norm_regtokens": x_norm[:, 1:R + 1],
+            "x_norm_patchtokens": x_norm[:, R + 1:],
+            "x_prenorm": x,
+            "masks": masks,
+        }
+
+    def forward(self, x, masks=None):
+        return self.forward_features(x, masks)["x_norm_clstoken"]
+
+    def get_intermediate_layers(self, x, layers=1, reshape=False, return_class_token=False, norm=True):
+        """Outputs of the chosen blocks: `layers` is a list of 0-based block indices or an int n
+        (the last n blocks). Patch tokens (B, N, D), or (B, D, h, w) with reshape=True."""
+        depth = len(self.blocks)
+        wanted = range(depth - layers, depth) if isinstance(layers, int) else list(layers)
+        for i in wanted:
+            if not 0 <= i < depth:
+                raise ValueError(f"layer index {i} out of range for a ViT of depth {depth}")
+        B, _, H, W = x.shape
+        x = self.prepare_tokens(x)
+        outputs = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in wanted:
+                outputs.append(self.norm(x) if norm else x)
+            if i >= max(wanted):
+                break  # later blocks would not change any requested output
+        cls_tokens = [out[:, 0] for out in outputs]
+        patches = [out[:, 1 + self.n_registers:] for out in outputs]
+        if reshape:
+            h, w = H // self.patch_size, W // self.patch_size
+            patches = [p.reshape(B, h, w, -1).permute(0, 3, 1, 2).contiguous() for p in patches]
+        if return_class_token:
+            return tuple(zip(patches, cls_tokens))
+        return tuple(patches)
+
+
+# ---------------------------------------------------------------------------- checkpoints on disk
+
+def save_safetensors_atomic(tensors, path, metadata=None):
+    """Write to a temp file in the same folder, fsync, then rename: a crash leaves the old file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        save_file(tensors, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_json_atomic(obj, path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_backbone(model, path):
+    """nanorad format: official DINOv2 key names in safetensors, the config in its metadata and in
+    a JSON beside it (`<path>.json`) for people to read."""
+    config = asdict(model.config)
+    save_safetensors_atomic(model.state_dict(), path, {"nanorad_vit_config": json.dumps(config)})
+    save_json_atomic({"format": "nanorad-vit", "config": config}, str(path) + ".json")
+
+
+def read_state_dict(path):
+    """Tensors and safetensors metadata from .safetensors, or an official .pth (never unpickled
+    beyond plain tensors: weights_only=True)."""
+    path = Path(path)
+    if path.is_dir():  # a HuggingFace model folder
+        path = path / "model.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"backbone file '{path}' not found")
+    if path.suffix in (".pth", ".pt"):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("teacher", "model", "state_dict"):  # common wrappers around a state dict
+            if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+                state = state[key]
+        return state, {}
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+    return load_file(str(path)), metadata
+
+
+def strip_prefix(state):
+    """Accept checkpoints that wrap the backbone (`teacher.backbone.`, `backbone.`, `dinov2.`)."""
+    for prefix in ("teacher.backbone.", "student.backbone.", "backbone.", "dinov2.", "module."):
+        if state and all(k.startswith(prefix) for k in state if not k.startswith(("head.", "classifier."))):
+            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return state
+
+
+def rename_prefix(name, mapping):
+    """Replace the first mapping key that is `name` or a dotted prefix of it; None if none is."""
+    for src, dst in mapping.items():
+        if name == src or name.startswith(src + "."):
+            return dst + name[len(src):]
+    return None
+
+
+def hf_to_official(state):
+    """HuggingFace Dinov2 key names -> official DINOv2 names (q, k, v fused back into qkv)."""
+    out = {
+        "cls_token": state["embeddings.cls_token"],
+        "mask_token": state["embeddings.mask_token"],
+        "pos_embed": state["embeddings.position_embeddings"],
+        "patch_embed.proj.weight": state["embeddings.patch_embeddings.projection.weight"],
+        "patch_embed.proj.bias": state["embeddings.patch_embeddings.projection.bias"],
+        "norm.weight": state["layernorm.weight"],
+        "norm.bias": state["layernorm.bias"],
+    }
+    if "embeddings.register_tokens" in state:
+        out["register_tokens"] = state["embeddings.register_tokens"]
+    rename = {"norm1": "norm1", "norm2": "norm2", "attention.output.dense": "attn.proj",
+              "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma",
+              "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2", "mlp.weights_in": "mlp.w12", "mlp.weights_out": "mlp.w3"}
+    consumed = {k for k in state if k.startswith("embeddings.") or k.startswith("layernorm.")}
+    depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layer."))
+    for i in range(depth):
+        hf, ours = f"encoder.layer.{i}.", f"blocks.{i}."
+        for kind in ("weight", "bias"):
+            qkv = [state.get(f"{hf}attention.attention.{n}.{kind}") for n in ("query", "key", "value")]
+            if all(t is not None for t in qkv):
+                out[f"{ours}attn.qkv.{kind}"] = torch.cat(qkv, dim=0)
+                consumed.update(f"{hf}attention.attention.{n}.{kind}" for n in ("query", "key", "value"))
+        for key in state:
+            if not key.startswith(hf) or key in consumed:
+                continue
+            rest = key[len(hf):]
+            renamed = rename_prefix(rest, rename)
+            if renamed is not None:
+                out[ours + renamed] = state[key]
+                consumed.add(key)
+    unknown = sorted(set(state) - consumed)
+    if unknown:
+        raise KeyError(f"unexpected keys in HuggingFace Dinov2 checkpoint: {unknown[:8]}")
+    return out
+
+
+def official_to_hf(state, depth):
+    """Official DINOv2 key names -> HuggingFace Dinov2 names (qkv split into query/key/value)."""
+    out = {
+        "embeddings.cls_token": state["cls_token"],
+        "embeddings.mask_token": state["mask_token"],
+        "embeddings.position_embeddings": state["pos_embed"],
+        "embeddings.patch_embeddings.projection.weight": state["patch_embed.proj.weight"],
+        "embeddings.patch_embeddings.projection.bias": state["patch_embed.proj.bias"],
+        "layernorm.weight": state["norm.weight"],
+        "layernorm.bias": state["norm.bias"],
+    }
+    if "register_tokens" in state:
+        out["embeddings.register_tokens"] = state["register_tokens"]
+    rename = {"norm1": "norm1", "norm2": "norm2", "attn.proj": "attention.output.dense",
+              "ls1.gamma": "layer_scale1.lambda1", "ls2.gamma": "layer_scale2.lambda1",
+              "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2", "mlp.w12": "mlp.weights_in", "mlp.w3": "mlp.weights_out"}
+    for i in range(depth):
+        ours, hf = f"blocks.{i}.", f"encoder.layer.{i}."
+        for key, value in state.items():
+            if not key.startswith(ours):
+                continue
+            rest = key[len(ours):]
+            if rest.startswith("attn.qkv."):
+                kind = rest.rsplit(".", 1)[1]
+                for name, part in zip(("query", "key", "value"), value.chunk(3, dim=0)):
+                    out[f"{hf}attention.attention.{name}.{kind}"] = part
+                continue
+            renamed = rename_prefix(rest, rename)
+            if renamed is None:
+                raise KeyError(f"no HuggingFace name for '{key}'")
+            out[hf + renamed] = value
+    return out
+
+
+def infer_vit_config(state, **overrides):
+    """Everything the tensors' shapes say; the head count assumes DINOv2's head dim of 64 unless given."""
+    D = state["cls_token"].shape[-1]
+    patch_size = state["patch_embed.proj.weight"].shape[-1]
+    n_pos = state["pos_embed"].shape[1] - 1
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    swiglu = "blocks.0.mlp.w12.weight" in state
+    if swiglu:
+        hidden = state["blocks.0.mlp.w3.weight"].shape[1]
+        mlp_ratio = 4.0  # SwiGLU's width is derived from 4*D (checked by strict loading)
+    else:
+        hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
+        mlp_ratio = hidden / D
+    inferred = dict(
+        img_size=int(math.isqrt(n_pos)) * patch_size, patch_size=patch_size,
+        in_chans=state["patch_embed.proj.weight"].shape[1], embed_dim=D, depth=depth,
+        num_heads=max(1, D // 64), mlp_ratio=mlp_ratio, ffn="swiglu" if swiglu else "mlp",
+        n_registers=state["register_tokens"].shape[1] if "register_tokens" in state else 0,
+        layerscale_init=1e-5 if "blocks.0.ls1.gamma" in state else None,
+        qkv_bias="blocks.0.attn.qkv.bias" in state,
+    )
+    inferred.update(overrides)
+    return ViTConfig(**inferred)
+
+
+def load_state_strict(model, state, source, allow_missing=()):
+    """load_state_dict that names every missing, unexpected or mis-shaped key."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state) - set(allow_missing))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in set(state) & set(own) if state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise KeyError(f"{source}: checkpoint does not match the ViT config. missing={missing[:8]} "
+                       f"unexpected={unexpected[:8]} shape mismatches={shapes[:8]}")
+    model.load_state_dict(state, strict=False)
+
+
+def detect_format(state, metadata):
+    if "nanorad_vit_config" in metadata:
+        return "nanorad"
+    if any(k.startswith("embeddings.") for k in state):
+        return "hf"
+    if "cls_token" in state and "mask_token" not in state:
+        return "timm"  # timm ViTs have no mask token
+    if "cls_token" in state:
+        return "dinov2"
+    raise KeyError(f"unrecognised backbone key format (first keys: {sorted(state)[:5]})")
+
+
+def load_backbone(path, verbose=True, **config_overrides):
+    """A ViT from any of: official DINOv2 torch.hub .pth (or RAD-DINO's backbone_compatible
+    .safetensors), HuggingFace Dinov2 safetensors (file or folder with config.json), timm ViT
+    safetensors (OmniRad), or a nanorad file. Strict: a missing or unexpected key is an error."""
+    state, metadata = read_state_dict(path)
+    state = strip_prefix(dict(state))
+    fmt = detect_format(state, metadata)
+    if fmt == "nanorad":
+        config = ViTConfig(**{**json.loads(metadata["nanorad_vit_config"]), **config_overrides})
+    else:
+        if fmt == "hf":
+            hf_config = Path(path) / "config.json" if Path(path).is_dir() else Path(path).with_name("config.json")
+            hf_config = json.loads(hf_config.read_text()) if hf_config.exists() else {}
+            if "num_attention_heads" in hf_config:
+                config_overrides.setdefault("num_heads", hf_config["num_attention_heads"])
+            state = hf_to_official(state)
+        if fmt == "timm":
+            skipped = sorted(k for k in state if k.startswith(("head.", "fc_norm.", "head_drop.")))
+            if skipped and verbose:
+                print(f"load_backbone: {path}: skipping classifier keys {skipped}")
+            state = {k: v for k, v in state.items() if k not in skipped}
+        if fmt in ("hf", "timm"):
+            # both resample positions to an explicit size, without DINOv2's 0.1 offset;
+            # timm antialiases when it shrinks the grid, HF does not
+            config_overrides.setdefault("interpolate_offset", 0.0)
+            config_overrides.setdefault("interpolate_antialias", fmt == "timm")
+        if fmt == "dinov2" and "register_tokens" in state:
+            # the _reg4 recipe switched to explicit sizes with antialias
+            config_overrides.setdefault("interpolate_offset", 0.0)
+            config_overrides.setdefault("interpolate_antialias", True)
+        config = infer_vit_config(state, **config_overrides)
+    model = ViT(config)
+    # timm ViTs carry no mask token: it keeps DINOv2's zero init
+    load_state_strict(model, state, str(path), allow_missing=("mask_token",) if fmt == "timm" else ())
+    if verbose:
+        n = sum(p.numel() for p in model.parameters())
+        print(f"load_backbone: {path} ({fmt} format): ViT D={config.embed_dim} depth={config.depth} "
+              f"heads={config.num_heads} patch={config.patch_size} registers={config.n_registers}, {n:,} params")
+    return model
+
+
+def export_hf(model, out_dir):
+    """Write a HuggingFace Dinov2 folder (model.safetensors + config.json) so that
+    `transformers.Dinov2Model.from_pretrained(out_dir)` and other tools can load our backbone."""
+    cfg = model.config
+    out_dir = Path(out_dir)
+    state = official_to_hf(model.state_dict(), cfg.depth)
+    save_safetensors_atomic(state, out_dir / "model.safetensors", {"format": "pt"})
+    hf_config = {
+        "model_type": "dinov2_with_registers" if cfg.n_registers else "dinov2",
+        "architectures": ["Dinov2WithRegistersModel" if cfg.n_registers else "Dinov2Model"],
+        "hidden_size": cfg.embed_dim, "num_hidden_layers": cfg.depth, "num_attention_heads": cfg.num_heads,
+        "mlp_ratio": cfg.mlp_ratio, "hidden_act": "gelu", "layer_norm_eps": 1e-6,
+        "image_size": cfg.img_size, "patch_size": cfg.patch_size, "num_channels": cfg.in_chans,
+        "qkv_bias": cfg.qkv_bias, "layerscale_value": cfg.layerscale_init or 1.0,
+        "use_swiglu_ffn": cfg.ffn == "swiglu", "drop_path_rate": 0.0,
+    }
+    if cfg.n_registers:
+        hf_config["num_register_tokens"] = cfg.n_registers
+    save_json_atomic(hf_config, out_dir / "config.json")
+
+
 
 # ----------------------------------------------------------------------------------------------
 # BART-lite (captioning)

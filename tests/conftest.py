@@ -1,0 +1,24 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture(scope="session")
+def oracles_dir():
+    path = SHARED / "oracles"
+    if not path.is_dir():
+        pytest.skip(f"oracle tensors not found at {path} (they live in ../shared/oracles beside the repo)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    path = SHARED / "data"
+    if not path.is_dir():
+        pytest.skip(f"real data not found at {path} (it lives in ../shared/data beside the repo)")
+    return path
