@@ -530,6 +530,68 @@ def export_hf(model, out_dir):
 
 
 
+# ---------------------------------------------------------------------------- DINO / iBOT projection head
+
+class WeightNormLinear(nn.Module):
+    """Linear without bias whose rows are v / ||v|| scaled by g (torch's weight_norm, hand-written
+    so the parameters keep DINOv2's names `weight_g` and `weight_v`)."""
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        v = nn.Linear(in_dim, out_dim, bias=False).weight.detach().clone()  # PyTorch default init, as DINOv2
+        self.weight_v = nn.Parameter(v)
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1))
+
+    def forward(self, x):
+        weight = self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
+        return F.linear(x, weight)
+
+
+class DINOHead(nn.Module):
+    """DINOv2's projection head: MLP (GELU) -> bottleneck -> L2-normalise -> weight-normalised
+    linear onto K prototypes. DINOv2 trains with weight_g frozen at 1."""
+    def __init__(self, in_dim, out_dim=65536, hidden_dim=2048, bottleneck_dim=256, nlayers=3):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
+        layers = []
+        for i in range(nlayers):
+            layers.append(nn.Linear(dims[i], dims[i + 1]))
+            if i < nlayers - 1:
+                layers.append(nn.GELU())
+        self.mlp = nn.Sequential(*layers)
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
+        self.last_layer.weight_g.requires_grad = False
+
+    def forward(self, x):
+        x = self.mlp(x)
+        x = F.normalize(x, dim=-1, p=2, eps=1e-6 if x.dtype == torch.float16 else 1e-12)
+        return self.last_layer(x)
+
+
+def load_dino_head(path, verbose=True):
+    """A DINOHead from a DINOv2-format state dict (`mlp.N.*`, `last_layer.weight_g/_v`), as RAD-DINO
+    publishes it (`dino_head.safetensors`) or inside a DINOv2 checkpoint (`teacher.dino_head.*`)."""
+    state, _ = read_state_dict(path)
+    for prefix in ("teacher.dino_head.", "student.dino_head.", "dino_head.", "head."):
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            break
+    linears = sorted(int(k.split(".")[1]) for k in state if k.startswith("mlp.") and k.endswith(".weight"))
+    if not linears or "last_layer.weight_v" not in state:
+        raise KeyError(f"{path}: not a DINO head (expected mlp.N.weight and last_layer.weight_v; found {sorted(state)[:6]})")
+    first, last = state[f"mlp.{linears[0]}.weight"], state[f"mlp.{linears[-1]}.weight"]
+    out_dim, bottleneck = state["last_layer.weight_v"].shape
+    hidden = first.shape[0] if len(linears) > 1 else bottleneck
+    head = DINOHead(first.shape[1], out_dim, hidden, last.shape[0], nlayers=len(linears))
+    load_state_strict(head, state, str(path))
+    if verbose:
+        print(f"load_dino_head: {path}: {first.shape[1]} -> {hidden} x{len(linears)} -> {bottleneck} -> {out_dim} prototypes")
+    return head
+
+
 # ----------------------------------------------------------------------------------------------
 # BART-lite (captioning)
 # ----------------------------------------------------------------------------------------------

@@ -176,3 +176,14 @@ def test_masks_change_only_through_the_mask_token():
 def test_swiglu_giant_block_shapes():
     model = ViT(vit_config("giant", depth=1, img_size=28))
     assert model.blocks[0].mlp.w12.weight.shape == (2 * 4096, 1536)  # DINOv2 ViT-g: 4096 hidden
+
+
+@torch.no_grad()
+def test_dino_head_matches_dinov2(oracles_dir, tmp_path):
+    from model import load_dino_head
+    tensors, weights = oracle(oracles_dir, "dinov2_head")
+    save_file(weights, str(tmp_path / "dino_head.safetensors"))
+    head = load_dino_head(tmp_path / "dino_head.safetensors").eval()
+    # weight_g is loaded as stored (the oracle set it away from 1), not reset
+    assert torch.equal(head.last_layer.weight_g, weights["last_layer.weight_g"])
+    assert max_err(head(tensors["input.x"]), tensors["out.logits"]) < TOL
