@@ -595,3 +595,425 @@ def load_dino_head(path, verbose=True):
 # ----------------------------------------------------------------------------------------------
 # BART-lite (captioning)
 # ----------------------------------------------------------------------------------------------
+
+# BART as published by HuggingFace (BartForConditionalGeneration), written out by hand. Parameter names
+# are HF's with the `model.` prefix dropped, so a published checkpoint loads by a plain rename. The
+# encoder reads input embeddings only: in nanorad it never sees text, only the visual prefix.
+
+# name -> (d_model, layers per stack, heads); the FFN is 4 * d_model as in every BART
+BART_SIZES = {
+    "tiny": (128, 2, 4),     # a CPU-sized default for tests and smoke runs
+    "base": (768, 6, 12),    # facebook/bart-base (OmniRad's language model)
+    "large": (1024, 12, 16),
+}
+BART_POSITION_OFFSET = 2  # fairseq reserved the first two rows of the position table; HF kept them
+
+
+@dataclass
+class BartConfig:
+    vocab_size: int = 50265
+    max_position_embeddings: int = 1024
+    d_model: int = 768
+    encoder_layers: int = 6
+    decoder_layers: int = 6
+    encoder_attention_heads: int = 12
+    decoder_attention_heads: int = 12
+    encoder_ffn_dim: int = 3072
+    decoder_ffn_dim: int = 3072
+    dropout: float = 0.1           # after embeddings, attention and FFN (HF's `dropout`)
+    scale_embedding: bool = False  # bart-base/large: token embeddings are not multiplied by sqrt(d)
+    pad_token_id: int = 1
+    bos_token_id: int = 0
+    eos_token_id: int = 2
+    decoder_start_token_id: int = 2  # BART starts decoding from </s>, not <s>
+
+
+def bart_config(size="base", **overrides):
+    """BartConfig for a named size; `vocab_size=` etc. override."""
+    if size not in BART_SIZES:
+        raise ValueError(f"unknown BART size '{size}', expected one of {list(BART_SIZES)}")
+    d, layers, heads = BART_SIZES[size]
+    base = dict(d_model=d, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=heads,
+                decoder_attention_heads=heads, encoder_ffn_dim=4 * d, decoder_ffn_dim=4 * d)
+    base.update(overrides)
+    return BartConfig(**base)
+
+
+def bart_config_from_hf(hf_config):
+    """BartConfig from a HuggingFace config.json dict (unknown HF keys are ignored)."""
+    names = {f.name for f in fields(BartConfig)}
+    return BartConfig(**{k: v for k, v in hf_config.items() if k in names})
+
+
+class BartAttention(nn.Module):
+    """Multi-head attention with separate q/k/v projections (HF names). Keys and values are made by
+    `keys_values` so the decoder can cache them between generation steps."""
+
+    def __init__(self, d_model, num_heads):
+        super().__init__()
+        if d_model % num_heads:
+            raise ValueError(f"BART d_model {d_model} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def split_heads(self, x):  # (B, T, D) -> (B, H, T, D/H)
+        B, T, D = x.shape
+        return x.view(B, T, self.num_heads, D // self.num_heads).transpose(1, 2)
+
+    def keys_values(self, x):
+        return self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))
+
+    def forward(self, x, k, v, mask=None):
+        # scaled by 1/sqrt(head dim) like BART; mask is boolean, True = may attend
+        out = F.scaled_dot_product_attention(self.split_heads(self.q_proj(x)), k, v, attn_mask=mask)
+        B, H, T, Dh = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, H * Dh))
+
+
+class BartEncoderLayer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        d = config.d_model
+        self.self_attn = BartAttention(d, config.encoder_attention_heads)
+        self.self_attn_layer_norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, config.encoder_ffn_dim)
+        self.fc2 = nn.Linear(config.encoder_ffn_dim, d)
+        self.final_layer_norm = nn.LayerNorm(d)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        # post-norm, as the original Transformer and BART: add the residual, then normalise
+        x = self.self_attn_layer_norm(x + self.dropout(self.self_attn(x, *self.self_attn.keys_values(x))))
+        return self.final_layer_norm(x + self.dropout(self.fc2(F.gelu(self.fc1(x)))))
+
+
+class BartDecoderLayer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        d = config.d_model
+        self.self_attn = BartAttention(d, config.decoder_attention_heads)
+        self.self_attn_layer_norm = nn.LayerNorm(d)
+        self.encoder_attn = BartAttention(d, config.decoder_attention_heads)
+        self.encoder_attn_layer_norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, config.decoder_ffn_dim)
+        self.fc2 = nn.Linear(config.decoder_ffn_dim, d)
+        self.final_layer_norm = nn.LayerNorm(d)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cross_kv, past_kv=None, mask=None):
+        """x: the new positions; past_kv: self-attention keys/values of the earlier positions (or
+        None). Returns the output and the keys/values of all positions so far."""
+        k, v = self.self_attn.keys_values(x)
+        if past_kv is not None:
+            k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
+        x = self.self_attn_layer_norm(x + self.dropout(self.self_attn(x, k, v, mask)))
+        x = self.encoder_attn_layer_norm(x + self.dropout(self.encoder_attn(x, *cross_kv)))
+        x = self.final_layer_norm(x + self.dropout(self.fc2(F.gelu(self.fc1(x)))))
+        return x, (k, v)
+
+
+class BartEncoder(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.max_positions = config.max_position_embeddings
+        self.embed_positions = nn.Embedding(config.max_position_embeddings + BART_POSITION_OFFSET, config.d_model)
+        self.layernorm_embedding = nn.LayerNorm(config.d_model)
+        self.layers = nn.ModuleList([BartEncoderLayer(config) for _ in range(config.encoder_layers)])
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, inputs_embeds):
+        T = inputs_embeds.shape[1]
+        if T > self.max_positions:
+            raise ValueError(f"BART encoder input has {T} positions, max_position_embeddings is {self.max_positions}")
+        positions = torch.arange(T, device=inputs_embeds.device) + BART_POSITION_OFFSET
+        x = self.dropout(self.layernorm_embedding(inputs_embeds + self.embed_positions(positions)))
+        for layer in self.layers:
+            x = layer(x)
+        return x  # BART has no final encoder LayerNorm (mBART does)
+
+
+class BartDecoder(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.max_positions = config.max_position_embeddings
+        self.embed_positions = nn.Embedding(config.max_position_embeddings + BART_POSITION_OFFSET, config.d_model)
+        self.layernorm_embedding = nn.LayerNorm(config.d_model)
+        self.layers = nn.ModuleList([BartDecoderLayer(config) for _ in range(config.decoder_layers)])
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, token_embeds, cross_kv, past_kv=None, attention_mask=None):
+        """token_embeds (B, T, D) for positions start..start+T-1, where start is the cached length.
+        attention_mask (B, start+T): 0 marks padding keys. Returns hidden states and new caches."""
+        B, T, _ = token_embeds.shape
+        start = 0 if past_kv is None else past_kv[0][0].shape[2]
+        if start + T > self.max_positions:
+            raise ValueError(f"BART decoder at position {start + T}, max_position_embeddings is {self.max_positions}")
+        device = token_embeds.device
+        positions = torch.arange(start, start + T, device=device) + BART_POSITION_OFFSET
+        x = self.dropout(self.layernorm_embedding(token_embeds + self.embed_positions(positions)))
+        mask = None
+        if T > 1 or attention_mask is not None:
+            query_pos = torch.arange(start, start + T, device=device)[:, None]
+            mask = (torch.arange(start + T, device=device)[None, :] <= query_pos)[None, None]  # causal
+            if attention_mask is not None:
+                mask = mask & attention_mask.bool()[:, None, None, :]
+        new_kv = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, cross_kv[i], None if past_kv is None else past_kv[i], mask)
+            new_kv.append(kv)
+        return x, new_kv
+
+
+class DecoderCache:
+    """What the decoder keeps between generation steps: cross-attention keys/values (made once from
+    the encoder states) and self-attention keys/values (one more position per step)."""
+
+    def __init__(self, cross_kv):
+        self.cross_kv = cross_kv
+        self.self_kv = None
+
+    def reorder(self, index):
+        """Beam search: row i continues the hypothesis that was in row index[i]. The cross keys need
+        no reordering because every beam of an image attends to the same encoder states."""
+        self.self_kv = [(k[index], v[index]) for k, v in self.self_kv]
+
+
+class Bart(nn.Module):
+    """BartForConditionalGeneration: encoder from input embeddings, decoder with a language-model head
+    tied to the shared token embedding, plus HF's `final_logits_bias` (a buffer, zero unless loaded)."""
+
+    def __init__(self, config: BartConfig):
+        super().__init__()
+        self.config = config
+        self.shared = nn.Embedding(config.vocab_size, config.d_model, padding_idx=config.pad_token_id)
+        self.encoder = BartEncoder(config)
+        self.decoder = BartDecoder(config)
+        self.register_buffer("final_logits_bias", torch.zeros(1, config.vocab_size))
+        self.embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
+        self.init_weights()
+
+    def init_weights(self):
+        # as HF BART: normal(0, 0.02) for linears and embeddings, zero biases and padding row
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+        with torch.no_grad():
+            self.shared.weight[self.config.pad_token_id].zero_()
+
+    def encode(self, inputs_embeds):
+        return self.encoder(inputs_embeds)
+
+    def new_cache(self, encoder_states):
+        return DecoderCache([layer.encoder_attn.keys_values(encoder_states) for layer in self.decoder.layers])
+
+    def lm_head(self, hidden):
+        return F.linear(hidden, self.shared.weight) + self.final_logits_bias
+
+    def decode(self, decoder_input_ids, encoder_states, decoder_attention_mask=None):
+        """Teacher-forced logits (B, T, vocab) for all positions at once (training, scoring)."""
+        embeds = self.shared(decoder_input_ids) * self.embed_scale
+        hidden, _ = self.decoder(embeds, self.new_cache(encoder_states).cross_kv, attention_mask=decoder_attention_mask)
+        return self.lm_head(hidden)
+
+    def decode_step(self, new_ids, cache):
+        """Logits (B, T, vocab) for new tokens (B, T) that follow the cached ones; updates the cache."""
+        embeds = self.shared(new_ids) * self.embed_scale
+        hidden, cache.self_kv = self.decoder(embeds, cache.cross_kv, cache.self_kv)
+        return self.lm_head(hidden)
+
+    def forward(self, inputs_embeds, decoder_input_ids, decoder_attention_mask=None):
+        return self.decode(decoder_input_ids, self.encode(inputs_embeds), decoder_attention_mask)
+
+
+def bart_from_hf_state(state, config, source="BART state dict"):
+    """A Bart from a HuggingFace BART state dict (`model.shared.weight`, `model.encoder.layers.N...`,
+    `lm_head.weight`, `final_logits_bias`; the `model.` prefix may be absent, as in BartModel files).
+    The per-stack `embed_tokens` and `lm_head` copies must equal `shared` (BART ties them)."""
+    prefix = "model." if any(k.startswith("model.") for k in state) else ""
+    shared = state[prefix + "shared.weight"]
+    own = {}
+    for key, value in state.items():
+        name = key[len(prefix):] if key.startswith(prefix) else key
+        if name in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"):
+            if not torch.equal(value, shared):
+                raise KeyError(f"BART checkpoint: '{key}' differs from '{prefix}shared.weight'; "
+                               "nanorad's BART ties input and output embeddings")
+            continue
+        own[name] = value
+    own.setdefault("final_logits_bias", torch.zeros(1, shared.shape[0]))
+    model = Bart(config)
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(own)), sorted(set(own) - set(expected))
+    shapes = [f"{k}: file {tuple(own[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in set(own) & set(expected) if own[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        raise KeyError(f"{source}: does not match {config}. missing={missing[:8]} "
+                       f"unexpected={unexpected[:8]} shape mismatches={shapes[:8]}")
+    model.load_state_dict(own)
+    return model
+
+
+def load_bart(path, **config_overrides):
+    """A Bart from a HuggingFace BART safetensors file or model folder (config.json beside it gives
+    the config; without one, sizes are read from the shapes with 64-dim heads)."""
+    path = Path(path)
+    file = path / "model.safetensors" if path.is_dir() else path
+    if not file.exists():
+        raise FileNotFoundError(f"BART checkpoint '{file}' not found")
+    state = load_file(str(file))
+    hf_config = file.with_name("config.json")
+    if hf_config.exists():
+        config = bart_config_from_hf({**json.loads(hf_config.read_text()), **config_overrides})
+    else:
+        prefix = "model." if "model.shared.weight" in state else ""
+        vocab, d = state[prefix + "shared.weight"].shape
+        n_layers = lambda stack: len({k.split(".")[3 if prefix else 2] for k in state
+                                      if k.startswith(f"{prefix}{stack}.layers.")})
+        inferred = dict(vocab_size=vocab, d_model=d,
+                        max_position_embeddings=state[prefix + "encoder.embed_positions.weight"].shape[0] - BART_POSITION_OFFSET,
+                        encoder_layers=n_layers("encoder"), decoder_layers=n_layers("decoder"),
+                        encoder_attention_heads=d // 64, decoder_attention_heads=d // 64,
+                        encoder_ffn_dim=state[prefix + "encoder.layers.0.fc1.weight"].shape[0],
+                        decoder_ffn_dim=state[prefix + "decoder.layers.0.fc1.weight"].shape[0])
+        config = BartConfig(**{**inferred, **config_overrides})
+    return bart_from_hf_state(state, config, source=str(file))
+
+
+# ---------------------------------------------------------------------------- decoding
+
+def force_eos_at_limit(log_probs, cur_len, max_length, eos_token_id):
+    """HF's ForcedEOSTokenLogitsProcessor: the last position a sequence may fill must be </s>, so a
+    caption cut at the length limit still ends properly."""
+    if cur_len == max_length - 1:
+        log_probs = torch.full_like(log_probs, -math.inf)
+        log_probs[:, eos_token_id] = 0.0
+    return log_probs
+
+
+@torch.no_grad()
+def greedy_search(bart, encoder_states, max_length=64):
+    """Argmax decoding with the KV cache. Returns (B, L <= max_length) token ids starting with the
+    decoder start token; sequences that ended early are padded with pad_token_id."""
+    cfg = bart.config
+    B = encoder_states.shape[0]
+    cache = bart.new_cache(encoder_states)
+    seqs = torch.full((B, 1), cfg.decoder_start_token_id, dtype=torch.long, device=encoder_states.device)
+    running = torch.ones(B, dtype=torch.bool, device=encoder_states.device)
+    for cur_len in range(1, max_length):
+        logits = bart.decode_step(seqs[:, -1:], cache)[:, -1].float()
+        next_ids = force_eos_at_limit(logits, cur_len, max_length, cfg.eos_token_id).argmax(-1)
+        next_ids = torch.where(running, next_ids, cfg.pad_token_id)
+        seqs = torch.cat([seqs, next_ids[:, None]], dim=1)
+        running &= next_ids != cfg.eos_token_id
+        if not running.any():
+            break
+    return seqs
+
+
+@torch.no_grad()
+def beam_search(bart, encoder_states, num_beams=5, max_length=64, length_penalty=1.0):
+    """Batched beam search with HuggingFace's semantics for early_stopping=True: per step, the
+    2*num_beams best continuations over all beams are ranked; an </s> among the first num_beams
+    closes a hypothesis scored sum(log p) / generated_length ** length_penalty (the start token not
+    counted, the </s> counted); the others continue. An image is done once it holds num_beams closed
+    hypotheses. Returns the best hypothesis per image, (B, L <= max_length), padded with pad_token_id."""
+    cfg = bart.config
+    B, K, device = encoder_states.shape[0], num_beams, encoder_states.device
+    cache = bart.new_cache(encoder_states.repeat_interleave(K, dim=0))
+    seqs = torch.full((B, K, 1), cfg.decoder_start_token_id, dtype=torch.long, device=device)
+    # all beams start identical: only the first may expand, or the top-k would hold K copies
+    beam_scores = torch.zeros(B, K, device=device)
+    beam_scores[:, 1:] = -1e9
+    done_seqs = torch.full((B, K, max_length), cfg.pad_token_id, dtype=torch.long, device=device)
+    done_scores = torch.full((B, K), -math.inf, device=device)
+    done_lengths = torch.zeros(B, K, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    rank = torch.arange(2 * K, device=device)
+    for cur_len in range(1, max_length):
+        logits = bart.decode_step(seqs[:, :, -1].reshape(B * K, 1), cache)[:, -1].float()
+        log_probs = force_eos_at_limit(F.log_softmax(logits, dim=-1), cur_len, max_length, cfg.eos_token_id)
+        V = log_probs.shape[-1]
+        scores = (log_probs.view(B, K, V) + beam_scores[:, :, None]).view(B, K * V)
+        top_scores, top_index = scores.topk(2 * K, dim=1)
+        parent, token = top_index // V, top_index % V
+        top_seqs = torch.cat([seqs.gather(1, parent[:, :, None].expand(-1, -1, cur_len)), token[:, :, None]], dim=2)
+        is_eos = token == cfg.eos_token_id
+
+        # close hypotheses: </s> ranked among the first K, for images not done yet
+        closes = is_eos & (rank < K)[None] & ~done[:, None]
+        closed_scores = torch.where(closes, top_scores / cur_len ** length_penalty, -math.inf)
+        padded = F.pad(top_seqs, (0, max_length - cur_len - 1), value=cfg.pad_token_id)
+        pool_scores = torch.cat([done_scores, closed_scores], dim=1)
+        keep = pool_scores.topk(K, dim=1).indices
+        done_scores = pool_scores.gather(1, keep)
+        done_lengths = torch.cat([done_lengths, torch.full_like(token, cur_len + 1)], dim=1).gather(1, keep)
+        done_seqs = torch.cat([done_seqs, padded], dim=1).gather(1, keep[:, :, None].expand(-1, -1, max_length))
+
+        # continue with the K best that did not end (an ended one gets -1e9, as in HF)
+        open_scores = top_scores + is_eos.float() * -1e9
+        keep = open_scores.topk(K, dim=1).indices
+        beam_scores = open_scores.gather(1, keep)
+        seqs = top_seqs.gather(1, keep[:, :, None].expand(-1, -1, cur_len + 1))
+        rows = parent.gather(1, keep) + torch.arange(B, device=device)[:, None] * K
+        cache.reorder(rows.flatten())
+
+        done |= torch.isfinite(done_scores).all(dim=1)
+        if done.all():
+            break
+    return done_seqs[:, 0, :int(done_lengths[:, 0].max())]
+
+
+# ---------------------------------------------------------------------------- image captioning
+
+class VisualPrefix(nn.Module):
+    """OmniRad's bridge from ViT tokens T (B, N, Dv) to K input embeddings for BART: a linear
+    projection and LayerNorm, Z = LN(W_p T), then a Patch Merger (Renggli et al.) with K learned
+    queries Q, P = softmax(Q Z^T / sqrt(D)) Z. K is fixed, so BART's encoder sees the same short
+    sequence whatever the image size."""
+
+    def __init__(self, vit_dim, d_model, n_queries=64):
+        super().__init__()
+        self.proj = nn.Linear(vit_dim, d_model)
+        self.norm = nn.LayerNorm(d_model)
+        self.queries = nn.Parameter(torch.randn(n_queries, d_model) * 0.02)
+
+    def forward(self, tokens):
+        z = self.norm(self.proj(tokens))
+        weights = torch.softmax(self.queries @ z.transpose(1, 2) / math.sqrt(z.shape[-1]), dim=-1)
+        return weights @ z  # (B, K, D)
+
+
+class Captioner(nn.Module):
+    """Frozen ViT -> VisualPrefix -> BART encoder (as input embeddings) -> BART decoder. The ViT has
+    requires_grad off and stays in eval mode; only the prefix and BART train."""
+
+    def __init__(self, vit, bart, n_queries=64):
+        super().__init__()
+        self.vit = vit.requires_grad_(False).eval()
+        self.prefix = VisualPrefix(vit.embed_dim, bart.config.d_model, n_queries)
+        self.bart = bart
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.vit.eval()  # frozen means frozen: no dropout or drop-path noise in its features
+        return self
+
+    @torch.no_grad()
+    def vit_tokens(self, images):
+        """The frozen ViT's normalised patch tokens (B, N, Dv) for normalised images (B, 3, H, W)."""
+        return self.vit.forward_features(images)["x_norm_patchtokens"]
+
+    def encode_tokens(self, vit_tokens):
+        """BART encoder states (B, K, D) from ViT tokens (a script may cache those: the ViT is frozen)."""
+        return self.bart.encode(self.prefix(vit_tokens))
+
+    def encode(self, images):
+        return self.encode_tokens(self.vit_tokens(images))
+
+    def forward(self, images, decoder_input_ids, decoder_attention_mask=None):
+        return self.bart.decode(decoder_input_ids, self.encode(images), decoder_attention_mask)
