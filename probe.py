@@ -22,40 +22,67 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from finetune_cls import accuracy, auprc_per_class, roc_auc, roc_auc_ovr, roc_auc_per_class
+
+# -----------------------------------------------------------------------------
+# default config: the procedural phantoms and a random-init ViT-tiny/8 at 64 px, on CPU in < 3 min
+out_dir = "out/probe"
+dataset = "phantom"           # "phantom" | "medmnist" | "csv"
+data_path = ""                # medmnist: an official .npz; csv: an index with image, split (+ label) columns
+label_column = ""             # csv: the column holding class names ...
+label_fn = "covid_vs_other"   # ... or the name of a label function in data.py (when label_column is "")
+phantom_sizes = (600, 200, 200)  # train, val, test
+init_from = ""                # any backbone model.load_backbone reads; "" = RANDOM INIT (a baseline)
+arch = "tiny"                 # random init only: ViT size, patch and the size of its position grid
+patch_size = 8
+img_size = 64                 # images are resized to this (centre square crop first)
+feature_kind = "cls+mean"     # "cls" | "mean" | "cls+mean" (DINOv2 linear eval)
+layers = ()                   # block indices to concatenate; () = the last block
+batch_size = 64
+knn_k = 20                    # DINO eval_knn defaults
+knn_temperature = 0.07
+l2_grid = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+seeds = (0,)                  # random-init backbone seeds, and the CV fold shuffles
+metadata_columns = ("sex", "age")   # csv only: tabular columns probed with grouped CV (RAD-DINO Table 7)
+group_column = "patientid"
+n_folds = 5
+numeric_bin_edges = (20.0, 40.0, 60.0, 80.0)  # numeric columns (age, years) are binned here
+tsne_max_points = 600
+device = "cuda" if torch.cuda.is_available() else "cpu"
+# -----------------------------------------------------------------------------
+
 # ----------------------------------------------------------------------------------------------
 # Features
 # ----------------------------------------------------------------------------------------------
 
-FEATURE_KINDS = ("cls", "mean", "cls+mean")
-
-
 def split_item(item):
-    """(image, label) of a dataset item: a tuple/list (image, label, ...) or a dict with 'image', 'label'."""
+    """(image, label) of a dataset item: a dict with "image" (and "label", absent when unlabelled),
+    as data.py gives them, or a tuple (image, label, ...)."""
     if isinstance(item, dict):
-        return item["image"], item["label"]
+        return item["image"], item.get("label")
     return item[0], item[1]
 
 
 @torch.no_grad()
 def extract_features(model, dataset, batch_size=64, kind="cls", layers=None, device="cpu"):
     """Frozen features of every item of `dataset`, in order. Returns (features (N, F) float32 on CPU,
-    labels (N,) or (N, C) as the dataset gives them).
+    labels (N,) or (N, C) as the dataset gives them, or None for an unlabelled dataset).
 
     Images must already be normalised as the backbone expects (data.py's datasets do this).
     kind: "cls" = CLS token, "mean" = mean of the patch tokens, "cls+mean" = both concatenated
     (DINOv2's linear-eval feature). layers: block indices (0-based) whose normed outputs are
     concatenated; None = the last block only."""
-    if kind not in FEATURE_KINDS:
-        raise ValueError(f"extract_features: kind must be one of {FEATURE_KINDS}, got {kind!r}")
+    if kind not in ("cls", "mean", "cls+mean"):
+        raise ValueError(f"extract_features: kind must be 'cls', 'mean' or 'cls+mean', got {kind!r}")
     layers = [len(model.blocks) - 1] if layers is None else list(layers)
     was_training = model.training
     model.eval().to(device)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0,
                                          collate_fn=lambda items: [split_item(it) for it in items])
-    feats, labels = [], []
-    for batch in loader:
+    feats, labels, done, t0 = [], [], 0, time.time()
+    for step, batch in enumerate(loader):
         images = torch.stack([torch.as_tensor(img) for img, _ in batch]).to(device, torch.float32)
-        labels.extend(torch.as_tensor(lab) for _, lab in batch)
+        labels.extend(None if lab is None else torch.as_tensor(lab) for _, lab in batch)
         per_layer = []
         for patch, cls in model.get_intermediate_layers(images, layers, return_class_token=True, norm=True):
             if kind in ("cls", "cls+mean"):
@@ -63,8 +90,13 @@ def extract_features(model, dataset, batch_size=64, kind="cls", layers=None, dev
             if kind in ("mean", "cls+mean"):
                 per_layer.append(patch.mean(dim=1))
         feats.append(torch.cat(per_layer, dim=1).float().cpu())
+        done += len(batch)
+        if step % 10 == 0 or done == len(dataset):
+            speed = done / (time.time() - t0)
+            print(f"  features {done}/{len(dataset)} | {speed:.0f} img/s | ETA {(len(dataset) - done) / speed:.0f} s")
     model.train(was_training)
-    return torch.cat(feats), torch.stack(labels)
+    labels = None if any(lab is None for lab in labels) else torch.stack(labels)
+    return torch.cat(feats), labels
 
 
 def backbone_tag(init_from, arch, seed):
@@ -85,10 +117,11 @@ def cached_features(cache_dir, key, model, dataset, **extract_kwargs):
     if path.exists():
         cached = load_file(str(path))
         if cached["features"].shape[0] == len(dataset):
-            return cached["features"], cached["labels"]
+            return cached["features"], cached.get("labels")
         print(f"cache {path} has {cached['features'].shape[0]} rows for a dataset of {len(dataset)}: re-extracting")
     feats, labels = extract_features(model, dataset, **extract_kwargs)
-    save_safetensors_atomic({"features": feats, "labels": labels}, path, {"key": key})
+    tensors = {"features": feats} if labels is None else {"features": feats, "labels": labels}
+    save_safetensors_atomic(tensors, path, {"key": key})
     return feats, labels
 
 
@@ -124,8 +157,6 @@ def knn_predict(train_feats, train_labels, test_feats, n_classes, k=20, temperat
 # ----------------------------------------------------------------------------------------------
 # Linear probe: L2 logistic regression on standardised features, full-batch L-BFGS
 # ----------------------------------------------------------------------------------------------
-
-L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
 class LinearProbe(nn.Module):
@@ -182,7 +213,8 @@ def fit_logistic_regression(x, y, l2, multilabel=False, n_classes=None, max_iter
     return probe
 
 
-def train_linear_probe(train_x, train_y, val_x, val_y, multilabel=False, l2_grid=L2_GRID, n_classes=None, max_iter=500):
+def train_linear_probe(train_x, train_y, val_x, val_y, multilabel=False,
+                       l2_grid=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0), n_classes=None, max_iter=500):
     """Fit one probe per L2 strength on train, keep the one with the lowest val NLL. NLL rather than
     val accuracy: small val splits make accuracy tie across most of the grid. Returns a LinearProbe
     (call .predict_proba(x)); .l2 and .val_loss_by_l2 record the search."""
@@ -195,3 +227,439 @@ def train_linear_probe(train_x, train_y, val_x, val_y, multilabel=False, l2_grid
             best = probe
     best.val_loss_by_l2 = losses
     return best
+
+
+def probe_metrics(y_true, probs, class_names, multilabel=False):
+    """Accuracy, AUROC (binary; one-vs-rest macro for multi-class; mean per label for multi-label)
+    and AUPRC per class (one-vs-rest) with its macro mean, the figures RAD-DINO reports."""
+    probs = probs.double()
+    if multilabel:
+        targets = y_true.long()
+        acc = float(((probs > 0.5).long() == targets).double().mean())  # mean per-label accuracy
+        auroc = float(np.nanmean(roc_auc_per_class(targets, probs)))
+    else:
+        targets = F.one_hot(y_true.long(), probs.shape[1])
+        acc = accuracy(y_true.long(), probs.argmax(dim=1))
+        auroc = roc_auc(y_true == 1, probs[:, 1]) if probs.shape[1] == 2 else roc_auc_ovr(y_true, probs)
+    per_class = auprc_per_class(targets, probs)
+    return {"accuracy": acc, "auroc": auroc, "auprc_macro": float(np.nanmean(per_class)),
+            "auprc_per_class": {str(name): float(v) for name, v in zip(class_names, per_class)}}
+
+
+# ----------------------------------------------------------------------------------------------
+# Metadata probe (RAD-DINO §4.4, Table 7): 5-fold cross-validation grouped by patient
+# ----------------------------------------------------------------------------------------------
+
+
+def grouped_folds(groups, n_folds=5, seed=0):
+    """Fold index (N,) for each sample such that all samples of a group (patient) share a fold.
+    Groups are shuffled by `seed`, then placed largest first into the currently smallest fold, so
+    folds stay balanced in samples."""
+    groups = np.asarray(groups)
+    names, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    if len(names) < n_folds:
+        raise ValueError(f"grouped_folds: {len(names)} groups cannot fill {n_folds} folds")
+    order = np.random.default_rng(seed).permutation(len(names))
+    order = order[np.argsort(-counts[order], kind="stable")]  # largest first, ties in shuffled order
+    fold_of_group, fold_sizes = np.empty(len(names), np.int64), np.zeros(n_folds, np.int64)
+    for g in order:
+        fold_of_group[g] = np.argmin(fold_sizes)
+        fold_sizes[fold_of_group[g]] += counts[g]
+    return fold_of_group[inverse.reshape(-1)]
+
+
+def cross_validate_probe(features, labels, groups, n_folds, seed, l2_grid):
+    """Accuracy of the linear probe on each held-out fold. Inside each split, the next fold serves
+    as val to choose the L2 strength, then the probe is refit on train + val with it."""
+    folds = grouped_folds(groups, n_folds, seed)
+    labels = torch.as_tensor(labels)
+    n_classes = int(labels.max()) + 1
+    accuracies, majority = [], []
+    for k in range(n_folds):
+        test, val = folds == k, folds == (k + 1) % n_folds
+        train = ~test & ~val
+        chosen = train_linear_probe(features[train], labels[train], features[val], labels[val],
+                                    l2_grid=l2_grid, n_classes=n_classes)
+        fit = ~test
+        probe = fit_logistic_regression(features[fit], labels[fit], chosen.l2, n_classes=n_classes)
+        pred = probe.predict_proba(features[test]).argmax(dim=1)
+        accuracies.append(accuracy(labels[test], pred))
+        # the accuracy of always answering the training folds' most common class: the floor to beat
+        majority.append(float((labels[test] == labels[fit].bincount().argmax()).float().mean()))
+    return accuracies, majority
+
+
+def metadata_targets(rows, column, bin_edges):
+    """Class index per row (None where blank) and class names. A numeric column is cut into bins
+    at `bin_edges` (RAD-DINO bins age at 20/40/60/80 years); any other column is categorical."""
+    values = [(row.get(column) or "").strip() for row in rows]
+    present = [v for v in values if v]
+    if not present:
+        raise ValueError(f"metadata column '{column}': no non-blank values in {len(rows)} rows")
+    try:
+        numbers = [float(v) if v else None for v in values]
+    except ValueError:
+        names = sorted(set(present))
+        return [names.index(v) if v else None for v in values], names
+    edges = list(bin_edges)
+    names = [f"<{edges[0]:g}"] + [f"{a:g}-{b:g}" for a, b in zip(edges, edges[1:])] + [f">={edges[-1]:g}"]
+    return [None if x is None else int(np.searchsorted(edges, x, side="right")) for x in numbers], names
+
+
+# ----------------------------------------------------------------------------------------------
+# 2-D maps of the latent space: PCA and exact t-SNE
+# ----------------------------------------------------------------------------------------------
+
+
+def pca(x, n_components=2):
+    """Projection on the top principal axes, from the eigenvectors of the covariance matrix.
+    Returns (projected (N, n_components), components (n_components, F)); each component's sign is
+    fixed so that its largest-magnitude loading is positive."""
+    x = x.double() - x.double().mean(dim=0)
+    eigenvalues, eigenvectors = torch.linalg.eigh(x.T @ x / max(len(x) - 1, 1))  # ascending order
+    components = eigenvectors[:, -n_components:].flip(1).T
+    signs = components.gather(1, components.abs().argmax(dim=1, keepdim=True)).sign()
+    components = components * signs
+    return (x @ components.T).float(), components.float()
+
+
+def tsne_affinities(sq_dist, perplexity, n_steps=100):
+    """Row-conditional Gaussian affinities p_{j|i} whose entropy is log(perplexity): a bisection on
+    each row's precision beta, all rows at once."""
+    n = sq_dist.shape[0]
+    off_diag = ~torch.eye(n, dtype=torch.bool)
+    d = sq_dist.masked_fill(~off_diag, float("inf"))
+    d = d - d.min(dim=1, keepdim=True).values  # shift per row: exp() cannot underflow to all zeros
+    target = math.log(perplexity)
+    beta = torch.ones(n, 1, dtype=d.dtype)
+    low, high = torch.zeros_like(beta), torch.full_like(beta, float("inf"))
+    for _ in range(n_steps):
+        p = torch.exp(-d * beta)
+        p_sum = p.sum(dim=1, keepdim=True)
+        entropy = torch.log(p_sum) + beta * (torch.where(off_diag, d, 0) * p).sum(dim=1, keepdim=True) / p_sum
+        too_flat = entropy > target  # entropy too high: sharpen (raise beta)
+        low = torch.where(too_flat, beta, low)
+        high = torch.where(too_flat, high, beta)
+        beta = torch.where(torch.isinf(high), beta * 2, (low + high) / 2)
+    p = torch.exp(-d * beta)
+    return p / p.sum(dim=1, keepdim=True)
+
+
+def tsne(x, perplexity=30.0, n_iter=750, seed=0):
+    """Exact t-SNE (van der Maaten & Hinton 2008) in 2-D: O(N^2) memory, fine for N up to a few
+    thousand. Early exaggeration 12 for 250 steps, momentum 0.5 then 0.8, adaptive gains,
+    learning rate max(N / 48, 50) (the 'auto' rate of scikit-learn / openTSNE)."""
+    x = x.double()
+    n = len(x)
+    perplexity = min(perplexity, (n - 1) / 3)  # more neighbours than exist makes the bisection fail
+    p = tsne_affinities(torch.cdist(x, x).pow(2), perplexity)
+    p = ((p + p.T) / (2 * n)).clamp_min(1e-12)
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(n, 2, generator=g, dtype=torch.float64) * 1e-4
+    velocity, gains = torch.zeros_like(y), torch.ones_like(y)
+    lr = max(n / 48, 50.0)
+    for step in range(n_iter):
+        exaggeration, momentum = (12.0, 0.5) if step < 250 else (1.0, 0.8)
+        kernel = 1 / (1 + torch.cdist(y, y).pow(2))  # Student-t with one degree of freedom
+        kernel.fill_diagonal_(0)
+        q = (kernel / kernel.sum()).clamp_min(1e-12)
+        w = (exaggeration * p - q) * kernel
+        grad = 4 * (w.sum(dim=1, keepdim=True) * y - w @ y)
+        gains = torch.where((grad > 0) != (velocity > 0), gains + 0.2, gains * 0.8).clamp_min(0.01)
+        velocity = momentum * velocity - lr * gains * grad
+        y = y + velocity
+    return (y - y.mean(dim=0)).float()
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention and patch correspondences (RAD-DINO Fig. 3, Fig. A.2)
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def last_block_input(model, images):
+    """The tokens (B, 1+R+N, D) entering the last block."""
+    x = model.prepare_tokens(images)
+    for block in model.blocks[:-1]:
+        x = block(x)
+    return x
+
+
+def block_attention(block, x):
+    """softmax(q k^T / sqrt(d_head)) of `block` for input tokens x: (B, heads, T, T). The model's own
+    forward uses a fused kernel that never materialises these weights, so recompute them from qkv."""
+    B, T, D = x.shape
+    heads = block.attn.num_heads
+    qkv = block.attn.qkv(block.norm1(x)).reshape(B, T, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
+    q, k = qkv[0], qkv[1]
+    return (q @ k.transpose(-2, -1) / math.sqrt(D // heads)).softmax(dim=-1)
+
+
+@torch.no_grad()
+def cls_attention_maps(model, images):
+    """The last layer's attention from the CLS token to each patch, per head: (B, heads, h, w)."""
+    attn = block_attention(model.blocks[-1], last_block_input(model, images))
+    h, w = images.shape[-2] // model.patch_size, images.shape[-1] // model.patch_size
+    return attn[:, :, 0, 1 + model.n_registers:].reshape(len(images), -1, h, w)
+
+
+@torch.no_grad()
+def patch_similarity(model, image_a, image_b, query_patches):
+    """Cosine similarity between chosen patches (row, col) of image_a and every patch of image_b:
+    (Q, h, w), from the last layer's normalised patch tokens."""
+    tokens = model.forward_features(torch.stack([image_a, image_b]))["x_norm_patchtokens"]
+    tokens = F.normalize(tokens.float(), dim=-1)
+    h, w = image_b.shape[-2] // model.patch_size, image_b.shape[-1] // model.patch_size
+    queries = torch.stack([tokens[0, r * w + c] for r, c in query_patches])
+    return (queries @ tokens[1].T).reshape(len(query_patches), h, w)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pictures, drawn with pillow only
+# ----------------------------------------------------------------------------------------------
+
+VIRIDIS = np.array([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)], np.float64)
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def colormap(values):
+    """Values in [0, 1] (any shape) -> uint8 RGB (..., 3), piecewise-linear through viridis anchors."""
+    v = np.clip(np.asarray(values, np.float64), 0, 1) * (len(VIRIDIS) - 1)
+    i = np.minimum(v.astype(np.int64), len(VIRIDIS) - 2)
+    t = (v - i)[..., None]
+    return ((1 - t) * VIRIDIS[i] + t * VIRIDIS[i + 1]).round().astype(np.uint8)
+
+
+def min_max(x):
+    x = np.asarray(x, np.float64)
+    return (x - x.min()) / max(x.max() - x.min(), 1e-12)
+
+
+def image_panel(image, panel_px):
+    """A normalised (3, H, W) model input as a pillow RGB picture of panel_px x panel_px."""
+    from data import denormalize
+    from PIL import Image
+    pixels = (denormalize(image.float().cpu()).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(pixels).resize((panel_px, panel_px), Image.BILINEAR)
+
+
+def heat_panel(values, panel_px):
+    """A (h, w) map, min-max scaled, in viridis; nearest upsampling keeps the patch grid visible."""
+    from PIL import Image
+    return Image.fromarray(colormap(min_max(values))).resize((panel_px, panel_px), Image.NEAREST)
+
+
+def save_scatter(points, labels, class_names, path, title, size_px=520):
+    """2-D points as dots coloured by class, with a legend."""
+    from PIL import Image, ImageDraw
+    points, labels = np.asarray(points, np.float64), np.asarray(labels).reshape(-1)
+    margin, legend_px = 24, 150
+    canvas = Image.new("RGB", (size_px + legend_px, size_px), "white")
+    draw = ImageDraw.Draw(canvas)
+    lo, hi = points.min(axis=0), points.max(axis=0)
+    xy = margin + (points - lo) / np.maximum(hi - lo, 1e-12) * (size_px - 2 * margin)
+    for (x, y), label in zip(xy, labels):
+        draw.ellipse([x - 3, size_px - y - 3, x + 3, size_px - y + 3], fill=PALETTE[int(label) % len(PALETTE)])
+    draw.text((margin, 4), title, fill="black")
+    for c, name in enumerate(class_names):
+        y = margin + 18 * c
+        draw.ellipse([size_px + 4, y, size_px + 12, y + 8], fill=PALETTE[c % len(PALETTE)])
+        draw.text((size_px + 18, y - 2), str(name)[:20], fill="black")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+def save_attention_figure(image, maps, path, panel_px=160):
+    """The image, then one panel per head of its CLS attention (h, w)."""
+    from PIL import Image, ImageDraw
+    panels = [image_panel(image, panel_px)] + [heat_panel(m, panel_px) for m in maps]
+    canvas = Image.new("RGB", (panel_px * len(panels), panel_px + 16), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, panel in enumerate(panels):
+        canvas.paste(panel, (i * panel_px, 16))
+        draw.text((i * panel_px + 4, 2), "image" if i == 0 else f"head {i - 1}", fill="black")
+    canvas.save(path)
+
+
+def save_similarity_figure(image_a, image_b, sims, query_patches, patch_size, path, panel_px=160):
+    """RAD-DINO Fig. 3: the query image with its landmark patches circled, then for each landmark the
+    target image overlaid with that landmark's similarity map (bright = similar)."""
+    from PIL import Image, ImageDraw
+    scale = panel_px / image_a.shape[-1]
+    radius = max(4, patch_size * scale / 2)
+
+    def circle(draw, rc, colour):
+        cy, cx = ((rc[0] + 0.5) * patch_size * scale, (rc[1] + 0.5) * patch_size * scale)
+        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], outline=colour, width=2)
+
+    query = image_panel(image_a, panel_px)
+    draw = ImageDraw.Draw(query)
+    for q, rc in enumerate(query_patches):
+        circle(draw, rc, PALETTE[q % len(PALETTE)])
+    panels = [query]
+    target = image_panel(image_b, panel_px)
+    for q, sim in enumerate(sims):
+        panel = Image.blend(target, heat_panel(sim, panel_px), 0.6)
+        best = np.unravel_index(int(np.argmax(sim)), sim.shape)  # the best match, ringed in the query's colour
+        circle(ImageDraw.Draw(panel), best, PALETTE[q % len(PALETTE)])
+        panels.append(panel)
+    canvas = Image.new("RGB", (panel_px * len(panels), panel_px + 16), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, panel in enumerate(panels):
+        canvas.paste(panel, (i * panel_px, 16))
+        draw.text((i * panel_px + 4, 2), "query" if i == 0 else f"target, landmark {i}", fill="black")
+    canvas.save(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+
+
+def mean_std(values):
+    values = np.asarray(values, np.float64)
+    return {"mean": float(values.mean()), "std": float(values.std()), "n": len(values)}
+
+
+if __name__ == "__main__":
+    from config import configure
+    config = configure(globals())
+    import data
+    from model import ViT, load_backbone, save_json_atomic, vit_config
+
+    # ---- checks, before any work
+    if dataset not in ("phantom", "medmnist", "csv"):
+        raise ValueError(f"config 'dataset': expected 'phantom', 'medmnist' or 'csv', got {dataset!r}")
+    if dataset != "phantom" and not Path(data_path).is_file():
+        raise FileNotFoundError(f"config 'data_path': {dataset} needs an existing file, got {data_path!r}")
+    if init_from and not Path(init_from).exists():
+        raise FileNotFoundError(f"config 'init_from': backbone {init_from!r} not found")
+    if dataset == "csv" and not label_column and not hasattr(data, label_fn):
+        raise ValueError(f"config 'label_fn': data.py has no function {label_fn!r}")
+    if feature_kind not in ("cls", "mean", "cls+mean"):
+        raise ValueError(f"config 'feature_kind': expected 'cls', 'mean' or 'cls+mean', got {feature_kind!r}")
+    out, t_start = Path(out_dir), time.time()
+    out.mkdir(parents=True, exist_ok=True)
+
+    # ---- data: train / val / test, images centre-cropped, resized to img_size and normalised
+    transform = data.ClassificationTransform(img_size, train=False)
+    multilabel, metadata_rows = False, None
+    if dataset == "phantom":
+        splits = {s: data.PhantomDataset(n, img_size=img_size, seed=0, split=s, transform=transform)
+                  for s, n in zip(("train", "val", "test"), phantom_sizes)}
+        class_names, data_tag = list(data.PHANTOM_CLASSES), f"phantom{img_size}-{'-'.join(map(str, phantom_sizes))}"
+    elif dataset == "medmnist":
+        splits = {s: data.ArrayImageDataset(*data.load_medmnist(data_path, s), transform=transform)
+                  for s in ("train", "val", "test")}
+        info = data.MEDMNIST.get(Path(data_path).stem.split("_")[0])
+        n_out = splits["train"].labels.shape[1] if splits["train"].labels.ndim == 2 else int(splits["train"].labels.max()) + 1
+        class_names = list(info.labels) if info else [str(c) for c in range(n_out)]
+        multilabel = splits["train"].labels.ndim == 2
+        data_tag = f"{Path(data_path).stem}-{img_size}"
+    else:
+        labelling = dict(label_column=label_column) if label_column else dict(label_fn=getattr(data, label_fn))
+        splits = {s: data.ImageFolderDataset(data_path, s, transform=transform, **labelling)
+                  for s in ("train", "val", "test")}
+        class_names = splits["train"].classes or (["other", "COVID-19"] if label_fn == "covid_vs_other" else None)
+        class_names = class_names or [str(c) for c in range(max(splits["train"].labels) + 1)]
+        data_tag = f"{Path(data_path).parent.name}-{label_column or label_fn}-{img_size}"
+        if metadata_columns:  # every image, labelled or not, for the metadata probe
+            metadata_set = data.ImageFolderDataset(data_path, None, transform=transform)
+            metadata_rows = metadata_set.rows
+    print(f"data: {dataset} {data_path or ''} | " + ", ".join(f"{s} {len(d)}" for s, d in splits.items())
+          + f" | classes {class_names}")
+
+    # ---- one evaluation per seed: backbone, features (cached), linear probe, k-NN, metadata probe
+    arch_name = f"vit-{arch}-p{patch_size}-{img_size}"
+    layer_tag = "" if not layers else "-L" + "_".join(map(str, layers))
+    runs, model = [], None
+    for seed in seeds:
+        t_seed = time.time()
+        torch.manual_seed(seed)
+        if init_from:
+            model = load_backbone(init_from)
+            print(f"backbone: {init_from} (seed {seed} only shuffles the CV folds)")
+        else:
+            model = ViT(vit_config(arch, patch_size=patch_size, img_size=img_size))
+            print(f"backbone: RANDOM INIT {arch_name} seed {seed} (no init_from): a random-feature baseline")
+        tag = backbone_tag(init_from, arch_name, seed)
+        extract = dict(batch_size=batch_size, kind=feature_kind, layers=list(layers) or None, device=device)
+        feats = {s: cached_features(out / "features", f"{tag}_{data_tag}_{s}_{feature_kind}{layer_tag}", model, d, **extract)
+                 for s, d in splits.items()}
+        (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = feats["train"], feats["val"], feats["test"]
+        run = {"seed": seed, "backbone": tag, "feature_dim": x_tr.shape[1]}
+
+        t0 = time.time()
+        probe = train_linear_probe(x_tr, y_tr, x_va, y_va, multilabel, l2_grid, n_classes=len(class_names))
+        run["linear"] = probe_metrics(y_te, probe.predict_proba(x_te), class_names, multilabel)
+        run["linear"]["l2"] = probe.l2
+        print(f"seed {seed} linear probe (l2 {probe.l2:g}, {time.time() - t0:.1f} s): "
+              + " ".join(f"{k} {v:.4f}" for k, v in run["linear"].items() if isinstance(v, float) and k != "l2"))
+        knn_probs = knn_predict(x_tr, y_tr, x_te, len(class_names), knn_k, knn_temperature)
+        run["knn"] = probe_metrics(y_te, knn_probs, class_names, multilabel)
+        print(f"seed {seed} k-NN (k {knn_k}, T {knn_temperature}): "
+              + " ".join(f"{k} {v:.4f}" for k, v in run["knn"].items() if isinstance(v, float)))
+
+        if metadata_rows is not None:
+            x_all, _ = cached_features(out / "features", f"{tag}_{data_tag}_all_{feature_kind}{layer_tag}", model,
+                                       metadata_set, **extract)
+            run["metadata"] = {}
+            for column in metadata_columns:
+                targets, names = metadata_targets(metadata_rows, column, numeric_bin_edges)
+                keep = [i for i, t in enumerate(targets) if t is not None]
+                y = torch.tensor([targets[i] for i in keep])
+                groups = [metadata_rows[i][group_column] for i in keep]
+                fold_acc, fold_majority = cross_validate_probe(x_all[keep], y, groups, n_folds, seed, l2_grid)
+                run["metadata"][column] = {"accuracy": mean_std(fold_acc), "majority_class": mean_std(fold_majority),
+                                           "classes": names, "counts": np.bincount(y.numpy(), minlength=len(names)).tolist()}
+                print(f"seed {seed} metadata '{column}' ({len(keep)} images, {len(set(groups))} patients, "
+                      f"{n_folds}-fold grouped CV): accuracy {np.mean(fold_acc):.4f} ± {np.std(fold_acc):.4f} "
+                      f"(majority class {np.mean(fold_majority):.4f})")
+        run["seconds"] = time.time() - t_seed
+        runs.append(run)
+
+    # ---- summary over seeds
+    summary = {}
+    for method in ("linear", "knn"):
+        summary[method] = {k: mean_std([r[method][k] for r in runs]) for k in ("accuracy", "auroc", "auprc_macro")}
+        summary[method]["auprc_per_class"] = {c: mean_std([r[method]["auprc_per_class"][c] for r in runs])
+                                              for c in class_names}
+    if metadata_rows is not None:
+        summary["metadata"] = {c: {"accuracy_mean_over_seeds": mean_std([r["metadata"][c]["accuracy"]["mean"] for r in runs]),
+                                   "majority_class": runs[0]["metadata"][c]["majority_class"]}
+                               for c in metadata_columns}
+    print(f"\n{'method':8s} | ACC mean ± std | AUROC mean ± std | AUPRC(macro) mean ± std | AUPRC per class  ({len(seeds)} seed(s))")
+    for method in ("linear", "knn"):
+        m = summary[method]
+        per = " ".join(f"{c}: {v['mean'] * 100:.2f}" for c, v in m["auprc_per_class"].items())
+        print(f"{method:8s} | {m['accuracy']['mean'] * 100:.2f} ± {m['accuracy']['std'] * 100:.2f} | "
+              f"{m['auroc']['mean'] * 100:.2f} ± {m['auroc']['std'] * 100:.2f} | "
+              f"{m['auprc_macro']['mean'] * 100:.2f} ± {m['auprc_macro']['std'] * 100:.2f} | {per}")
+
+    # ---- pictures from the last seed's backbone and test features
+    pictures = {}
+    n_map = min(len(x_te), tsne_max_points)
+    labels_map = y_te[:n_map] if not multilabel else y_te[:n_map].argmax(dim=1)  # multi-label: first positive label
+    pictures["pca"] = str(out / "pca_test.png")
+    save_scatter(pca(x_te[:n_map])[0], labels_map, class_names, pictures["pca"], f"PCA of {n_map} test features ({tag})")
+    t0 = time.time()
+    pictures["tsne"] = str(out / "tsne_test.png")
+    save_scatter(tsne(x_te[:n_map], seed=seeds[-1]), labels_map, class_names, pictures["tsne"],
+                 f"t-SNE of {n_map} test features ({tag})")
+    print(f"t-SNE of {n_map} points: {time.time() - t0:.1f} s")
+    image_a, image_b = splits["test"][0]["image"], splits["test"][1]["image"]
+    model.eval()
+    maps = cls_attention_maps(model, image_a[None].to(device))[0].cpu()
+    pictures["attention"] = str(out / "attention_test0.png")
+    save_attention_figure(image_a, maps.numpy(), pictures["attention"])
+    h, w = img_size // model.patch_size, img_size // model.patch_size
+    landmarks = [(h // 3, w // 3), (h // 3, 2 * w // 3), (2 * h // 3, w // 3), (2 * h // 3, 2 * w // 3)]
+    sims = patch_similarity(model, image_a.to(device), image_b.to(device), landmarks).cpu()
+    pictures["similarity"] = str(out / "similarity_test0_test1.png")
+    save_similarity_figure(image_a, image_b, sims.numpy(), landmarks, model.patch_size, pictures["similarity"])
+
+    results = {"config": config, "class_names": class_names, "runs": runs, "summary": summary,
+               "pictures": pictures, "seconds": time.time() - t_start}
+    save_json_atomic(results, out / "results.json")
+    print(f"wrote {out / 'results.json'} and {', '.join(pictures.values())} in {time.time() - t_start:.0f} s")
