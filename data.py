@@ -405,8 +405,9 @@ def _open_image(path):
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} not found")
     try:
-        image = Image.open(path)
-        image.load()
+        with open(path, "rb") as f:  # closed at once: a DataLoader opens thousands of files
+            image = Image.open(f)
+            image.load()
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"{path}: not a readable image ({e}); expected PNG or JPEG") from e
     return image
@@ -490,6 +491,8 @@ def covid_vs_other(row):
     """label_fn for covid_cxr_xray256 (and the other covid_cxr CSVs): 1 for any COVID-19 finding
     ("COVID-19", "COVID-19, ARDS"), 0 for other findings, None (row dropped) for the source's
     unlabelled "todo"."""
+    if "finding" not in row:
+        raise ValueError(f"covid_vs_other needs a 'finding' column, found columns {list(row)}")
     finding = row["finding"].strip()
     if finding in ("", "todo"):
         return None
@@ -786,9 +789,9 @@ def _size2(size):
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
-def _batched(fn, img, *args):
+def _batched(fn, img):
     """Run `fn` on a (B,C,H,W) view of img and give back img's own rank."""
-    out = fn(img[None] if img.ndim == 3 else img, *args)
+    out = fn(img[None] if img.ndim == 3 else img)
     return out[0] if img.ndim == 3 else out
 
 
@@ -934,15 +937,18 @@ def color_jitter(img, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p=1
     shift = _uniform(-hue, hue, generator)
 
     def apply(x):
+        # saturation and hue leave gray pixels as they are: skip them on radiographs (the HSV round
+        # trip is half the cost of a DINO view); brightness and contrast keep gray images gray
+        gray = torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2])
         for op in order:
             if op == 0:
                 x = (x * factors[0]).clamp(0, 1)
             elif op == 1:
                 mean = _grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
                 x = (factors[1] * x + (1 - factors[1]) * mean).clamp(0, 1)
-            elif op == 2:
+            elif op == 2 and not gray:
                 x = (factors[2] * x + (1 - factors[2]) * _grayscale(x)).clamp(0, 1)
-            elif shift != 0:
+            elif op == 3 and not gray and shift != 0:
                 x = _adjust_hue(x, shift)
         return x
 
@@ -1069,12 +1075,12 @@ class DinoAugmentation:
     def _view(self, img, size, scale, blur_p, solarize_p):
         g = self.generator
         x = random_resized_crop(img, size, scale, generator=g)
-        x = random_horizontal_flip(x, 0.5, generator=g)
+        x = random_horizontal_flip(x, p=0.5, generator=g)
         x = color_jitter(x, 0.4, 0.4, 0.2, 0.1, p=0.8, generator=g)
-        x = random_grayscale(x, 0.2, generator=g)
-        x = gaussian_blur(x, (0.1, 2.0), blur_p, generator=g)
+        x = random_grayscale(x, p=0.2, generator=g)
+        x = gaussian_blur(x, (0.1, 2.0), p=blur_p, generator=g)
         if solarize_p:
-            x = solarize(x, 0.5, solarize_p, generator=g)
+            x = solarize(x, 0.5, p=solarize_p, generator=g)
         return normalize(x)
 
     def __call__(self, img):

@@ -457,6 +457,19 @@ def test_color_jitter_keeps_gray_images_gray_and_in_range():
         assert out.min() >= 0 and out.max() <= 1
 
 
+def test_color_jitter_hue_and_saturation_act_on_colour_images():
+    colour = torch.rand(3, 16, 16)
+    g = torch.Generator().manual_seed(0)
+    hue_only = data.color_jitter(colour, 0, 0, 0, 0.5, generator=g)
+    assert (hue_only - colour).abs().max() > 0.1
+    # a hue shift keeps each pixel's max (HSV value) and its max - min spread (saturation * value)
+    assert torch.allclose(hue_only.max(0).values, colour.max(0).values, atol=1e-5)
+    assert torch.allclose(hue_only.max(0).values - hue_only.min(0).values,
+                          colour.max(0).values - colour.min(0).values, atol=1e-5)
+    saturation_only = data.color_jitter(colour, 0, 0, 0.9, 0, generator=g)
+    assert (saturation_only - colour).abs().max() > 0.01
+
+
 def test_gaussian_blur_keeps_constants_and_smooths_noise():
     constant = torch.full((3, 20, 20), 0.3)
     assert torch.allclose(data.gaussian_blur(constant, p=1.0), constant, atol=1e-6)
@@ -574,3 +587,18 @@ def test_collate_in_global_only_mode_has_no_local_crops():
     batch = data.collate_dino_batch(samples, 4, data.MaskingGenerator(2, 2, min_num_patches=1), mask_probability=0.0)
     assert batch["local_crops"] is None and batch["global_crops"].shape == (6, 3, 28, 28)
     assert not batch["masks"].any() and batch["n_masked_patches"].item() == 0
+
+
+def test_dino_augmentation_follows_dinov2_asymmetric_recipe(monkeypatch):
+    calls = []
+    for name in ("gaussian_blur", "solarize", "color_jitter", "random_grayscale"):
+        def recording(img, *args, _name=name, _original=getattr(data, name), **kwargs):
+            calls.append((_name, kwargs["p"]))
+            return _original(img, *args, **kwargs)
+
+        monkeypatch.setattr(data, name, recording)
+    data.DinoAugmentation(32, 16, 2)(torch.rand(3, 40, 40))
+    assert [p for name, p in calls if name == "gaussian_blur"] == [1.0, 0.1, 0.5, 0.5]  # globals, locals
+    assert [p for name, p in calls if name == "solarize"] == [0.2]  # second global crop only
+    assert [p for name, p in calls if name == "color_jitter"] == [0.8] * 4
+    assert [p for name, p in calls if name == "random_grayscale"] == [0.2] * 4
