@@ -15,9 +15,13 @@ Constants
 MedMNIST (.npz, official file names)
     medmnist_filename(name, size=28) -> str          "breastmnist.npz", "breastmnist_64.npz", ...
     medmnist_url(name, size=28) -> str               official Zenodo URL
-    download_medmnist(name, size=28, root, timeout_s=10) -> Path     fails at once when offline
-    load_medmnist(path_or_name, split, root, size=28, download=False, check_md5=True)
-        -> (images uint8 (N,H,W) or (N,H,W,3), labels int64 (N,) or (N,L) multi-label)
+    download_medmnist(name, size=28, root="~/.medmnist", timeout_s=10) -> Path
+        atomic, md5-checked; any network failure raises ConnectionError at once, naming the URL
+        and the path to put the file at by hand
+    load_medmnist(path_or_name, split="train", root="~/.medmnist", size=28, download=False,
+                  check_md5=True) -> (images uint8 (N,H,W) or (N,H,W,3),
+                                      labels int64 (N,), or (N,14) in {0,1} for chestmnist)
+    file_md5(path) -> str
     ArrayImageDataset(images, labels=None, transform=None)           item {"image", "label"}
 Image files
     read_image(path) -> float (3,H,W) in [0,1]       PNG/JPEG, 1/8/16-bit gray, palette, RGB(A)
@@ -42,9 +46,20 @@ a batch gets one random draw per call)
     DinoAugmentation(...)(img) -> {"global_crops": [2 tensors], "local_crops": [n tensors]}
 iBOT masking
     MaskingGenerator(grid_h, grid_w, min_num_patches=4, max_num_patches=None, min_aspect=0.3)
-        (num_masking_patches, generator=None) -> bool (grid_h, grid_w)
+        (num_masking_patches, generator=None) -> bool (grid_h, grid_w); .add_block(mask, max_patches)
     collate_dino_batch(samples, n_tokens, mask_generator, mask_ratio_min_max=(0.1, 0.5),
-                       mask_probability=0.5, generator=None) -> dict of batched crops and masks
+                       mask_probability=0.5, generator=None)
+        -> {"global_crops" (2B,3,G,G), "local_crops" (nB,3,L,L) or None, "masks" bool (2B,N),
+            "mask_indices" (M,), "masks_weight" (M,), "n_masked_patches" (1,), "upperbound" int}
+
+Typical use
+    train = ImageFolderDataset("../shared/data/covid_cxr_xray256/images.csv", "train",
+                               transform=DinoAugmentation(224, 96, n_local_crops=0))
+    or     PhantomDataset(2000, img_size=64, transform=DinoAugmentation(...))
+    loader = DataLoader(train, batch_size, collate_fn=functools.partial(collate_dino_batch,
+                        n_tokens=(224 // 14) ** 2, mask_generator=MaskingGenerator(16, 16)))
+    images, labels = load_medmnist("breastmnist", "train", root="../shared/data")
+    ArrayImageDataset(images, labels, ClassificationTransform(224, train=True))
 """
 import csv
 import hashlib
