@@ -50,13 +50,13 @@ def _configs(candidates):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in candidates]
 
 
-_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4),
-                         (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4), (128, 64, 4, 4), (128, 128, 8, 2)])
+_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4),
+                         (64, 32, 4, 4)])
 # dQ: BLOCK_M queries per program, streaming BLOCK_N keys; dKdV: BLOCK_N keys per program, streaming BLOCK_M queries
-_BWD_DQ_CONFIGS = _configs([(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3),
-                            (64, 32, 4, 3), (128, 128, 8, 2)])
-_BWD_DKDV_CONFIGS = _configs([(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3),
-                              (32, 64, 4, 3), (128, 128, 8, 2)])
+_BWD_DQ_CONFIGS = _configs([(128, 32, 4, 5), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4),
+                            (128, 64, 4, 2)])
+_BWD_DKDV_CONFIGS = _configs([(32, 128, 4, 5), (32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4),
+                              (64, 128, 8, 2)])
 
 
 @triton.jit
