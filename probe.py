@@ -10,6 +10,7 @@ attention per head, and patch-to-patch similarity between two images (RAD-DINO F
                     --init_from=/work/ckpt/pretrained_vit.safetensors
     python probe.py --dataset=covid_cxr --data_path=../shared/data/covid_cxr_xray256/images.csv
 """
+import contextlib
 import hashlib
 import json
 import math
@@ -159,6 +160,18 @@ def knn_predict(train_feats, train_labels, test_feats, n_classes, k=20, temperat
 # ----------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def single_thread():
+    """Run many tiny CPU ops (L-BFGS evaluations, t-SNE steps) on one thread: on a busy 2-core
+    machine the per-op thread hand-offs made them 15-20x slower than single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class LinearProbe(nn.Module):
     """Standardise, then one linear layer: softmax over classes (multinomial) or a sigmoid per
     label (one-vs-rest, multi-label)."""
@@ -207,7 +220,7 @@ def fit_logistic_regression(x, y, l2, multilabel=False, n_classes=None, max_iter
         loss.backward()
         return loss
 
-    with torch.enable_grad():
+    with single_thread(), torch.enable_grad():
         opt.step(closure)
     probe.l2 = l2
     return probe
@@ -352,12 +365,18 @@ def tsne(x, perplexity=30.0, n_iter=750, seed=0):
     x = x.double()
     n = len(x)
     perplexity = min(perplexity, (n - 1) / 3)  # more neighbours than exist makes the bisection fail
-    p = tsne_affinities(torch.cdist(x, x).pow(2), perplexity)
-    p = ((p + p.T) / (2 * n)).clamp_min(1e-12)
     g = torch.Generator().manual_seed(seed)
     y = torch.randn(n, 2, generator=g, dtype=torch.float64) * 1e-4
+    with single_thread():
+        p = tsne_affinities(torch.cdist(x, x).pow(2), perplexity)
+        p = ((p + p.T) / (2 * n)).clamp_min(1e-12)
+        y = tsne_descent(p, y, n_iter, lr=max(n / 48, 50.0))
+    return (y - y.mean(dim=0)).float()
+
+
+def tsne_descent(p, y, n_iter, lr):
+    """Gradient descent on KL(P || Q) with t-SNE's momentum, gains and early exaggeration."""
     velocity, gains = torch.zeros_like(y), torch.ones_like(y)
-    lr = max(n / 48, 50.0)
     for step in range(n_iter):
         exaggeration, momentum = (12.0, 0.5) if step < 250 else (1.0, 0.8)
         kernel = 1 / (1 + torch.cdist(y, y).pow(2))  # Student-t with one degree of freedom
@@ -368,7 +387,7 @@ def tsne(x, perplexity=30.0, n_iter=750, seed=0):
         gains = torch.where((grad > 0) != (velocity > 0), gains + 0.2, gains * 0.8).clamp_min(0.01)
         velocity = momentum * velocity - lr * gains * grad
         y = y + velocity
-    return (y - y.mean(dim=0)).float()
+    return y
 
 
 # ----------------------------------------------------------------------------------------------
