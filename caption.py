@@ -1,0 +1,610 @@
+"""Image captioning with a frozen ViT (OmniRad §3.4, Table 12): ViT patch tokens -> Linear + LayerNorm ->
+Patch Merger (K learned queries) -> BART encoder as input embeddings -> BART decoder. Only the
+projection, the merger and BART train; captions come from beam search; the test split is scored with
+METEOR, BLEU, BLEU-1..4 and ROUGE-L (hand-written below, checked against sacrebleu / rouge-score).
+
+    python caption.py                                   # tiny ViT + tiny BART on phantoms, CPU, ~2 min
+    python caption.py --data=../shared/data/covid_cxr_captions/captions.csv --init_from=out/pretrain/backbone.safetensors
+    python caption.py config/caption_omnirad.py --data=roco/captions.csv --init_from=omnirad_base.safetensors \\
+        --bart_init=bart-base/ --tokenizer=bart-base/tokenizer.json
+
+The no-argument defaults are a CPU smoke recipe (tiny models, lr 1e-3, 64 px); the paper's recipe
+(ViT-B/14 at 224 px, BART-base, AdamW lr 5e-5, 20 epochs, effective batch 64, bf16 on CUDA) is
+config/caption_omnirad.py. Writes to out_dir: results.json, table.md (Table 12's layout),
+samples.png, captioner.safetensors (+ .json) and tokenizer.json.
+"""
+import json
+import math
+import re
+import textwrap
+import time
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+# ----------------------------------------------------------------------------------------------
+# config: plain globals, overridden by config/*.py files and --key=value
+# ----------------------------------------------------------------------------------------------
+out_dir = "out/caption"
+data = "phantom"             # "phantom", or a CSV / JSONL of image,caption[,split] pairs (ROCO layout);
+                             # image paths are relative to the index file
+image_column = "image"
+caption_column = "caption"
+train_split = "train"        # CSV/JSONL: the `split` values used for training and for the results table
+test_split = "test"
+phantom_sizes = (600, 100)   # phantom train, test
+img_size = 64                # images are centre-cropped to a square and resized to this
+init_from = ""               # frozen ViT weights, any file model.load_backbone reads; "" = RANDOM INIT
+arch = "tiny"                # random init only: ViT size and patch
+patch_size = 8
+bart_size = "tiny"           # "tiny" | "base" | "large" (ignored when bart_init is given)
+bart_init = ""               # HuggingFace BART safetensors file or folder (e.g. facebook/bart-base); "" = random
+tokenizer = ""               # a tokenizer.json (e.g. BART's); "" = train byte-level BPE on the training captions
+bpe_vocab_size = 1000
+n_queries = 64               # K, the Patch Merger's output length (OmniRad: 64)
+max_caption_tokens = 64      # training captions are cut to this many tokens, <s> and </s> included
+cache_vit_tokens = True      # the ViT is frozen and sees no augmentation: run it once per image
+epochs = 20
+batch_size = 64              # effective batch (OmniRad: 64) ...
+micro_batch_size = 64        # ... reached by gradient accumulation over micro batches
+lr = 1e-3                    # OmniRad fine-tunes a pretrained BART at 5e-5; a tiny random BART needs more
+weight_decay = 0.01
+warmup_steps = 20
+grad_clip = 1.0
+beams = (1, 3, 5)            # the results table: every beams x max_tokens pair (OmniRad: 5 beams, 64 tokens)
+max_tokens = (32, 64)
+length_penalty = 1.0
+n_samples = 8                # images on the sample sheet
+seed = 0
+device = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer: byte-level BPE with BART's special tokens, or a given tokenizer.json
+# ----------------------------------------------------------------------------------------------
+
+SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]  # BART's ids: bos 0, pad 1, eos 2, unk 3 (a list: not a config key)
+
+
+def train_tokenizer(captions, vocab_size):
+    """Byte-level BPE (as GPT-2 / BART) trained on `captions`; special tokens take ids 0..3 as in BART."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(captions, trainer)
+    return tok
+
+
+def special_token_ids(tok, source):
+    """{"bos_token_id", "pad_token_id", "eos_token_id"} of a tokenizer, which must have BART's tokens."""
+    ids = {name: tok.token_to_id(token) for name, token in
+           (("bos_token_id", "<s>"), ("pad_token_id", "<pad>"), ("eos_token_id", "</s>"))}
+    missing = [name for name, i in ids.items() if i is None]
+    if missing:
+        raise ValueError(f"tokenizer {source}: expected BART's special tokens <s> <pad> </s>, missing {missing}")
+    return ids
+
+
+def caption_ids(tok, caption, max_len, ids):
+    """<s> caption </s>, cut to max_len tokens (the </s> kept)."""
+    body = tok.encode(caption, add_special_tokens=False).ids[:max_len - 2]
+    return [ids["bos_token_id"], *body, ids["eos_token_id"]]
+
+
+def teacher_forcing_batch(token_lists, pad_id, decoder_start_id):
+    """BART's training layout: labels = <s> w1 .. wn </s>, padding ignored (-100); the decoder reads
+    the labels shifted right behind the start token (HF's shift_tokens_right). Right padding needs
+    no attention mask: causal attention keeps real positions from seeing the padded tail, and the
+    padded positions are left out of the loss. Returns (decoder_input_ids, labels)."""
+    T = max(len(t) for t in token_lists)
+    labels = torch.full((len(token_lists), T), -100, dtype=torch.long)
+    for i, t in enumerate(token_lists):
+        labels[i, :len(t)] = torch.tensor(t)
+    decoder_input = torch.cat([torch.full((len(token_lists), 1), decoder_start_id), labels[:, :-1]], dim=1)
+    return decoder_input.masked_fill(decoder_input == -100, pad_id), labels
+
+
+def decode_captions(tok, sequences):
+    return [tok.decode(seq.tolist(), skip_special_tokens=True).strip() for seq in sequences]
+
+
+# ----------------------------------------------------------------------------------------------
+# Caption metrics, hand-written so that the script needs no NLP packages; tests/test_caption.py
+# checks them against sacrebleu and rouge-score. Scores are on a 0-100 scale as in Table 12.
+# ----------------------------------------------------------------------------------------------
+
+def tokenize_13a(line):
+    """sacreBLEU's default tokenizer (mteval-v13a): split off punctuation and symbols, keep the
+    period and comma inside numbers, split a dash that follows a digit."""
+    line = line.replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
+    if "&" in line:
+        line = line.replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">")
+    line = f" {line} "
+    line = re.sub(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])", r" \1 ", line)
+    line = re.sub(r"([^0-9])([\.,])", r"\1 \2 ", line)
+    line = re.sub(r"([\.,])([^0-9])", r" \1 \2", line)
+    line = re.sub(r"([0-9])(-)", r"\1 \2 ", line)
+    return line.split()
+
+
+def ngram_counts(tokens, max_order):
+    return Counter(tuple(tokens[i:i + n]) for n in range(1, max_order + 1) for i in range(len(tokens) - n + 1))
+
+
+def corpus_bleu(hypotheses, references, max_order=4):
+    """Corpus BLEU with sacreBLEU's defaults (13a tokens, case-sensitive, 'exp' smoothing, one
+    reference per hypothesis). max_order=n is the cumulative BLEU-n of captioning papers.
+    Returns {"bleu", "precisions" (per order, %), "bp", "sys_len", "ref_len"}."""
+    correct, total = [0] * max_order, [0] * max_order
+    sys_len = ref_len = 0
+    for hyp, ref in zip(hypotheses, references, strict=True):
+        hyp, ref = tokenize_13a(hyp.rstrip()), tokenize_13a(ref.rstrip())
+        sys_len, ref_len = sys_len + len(hyp), ref_len + len(ref)
+        ref_counts = ngram_counts(ref, max_order)
+        for ngram, count in ngram_counts(hyp, max_order).items():
+            total[len(ngram) - 1] += count
+            correct[len(ngram) - 1] += min(count, ref_counts[ngram])
+    bp = 1.0 if sys_len >= ref_len else (math.exp(1 - ref_len / sys_len) if sys_len else 0.0)
+    precisions = [0.0] * max_order
+    result = dict(bleu=0.0, precisions=precisions, bp=bp, sys_len=sys_len, ref_len=ref_len)
+    if not any(correct):
+        return result
+    smooth = 1.0  # mteval's smoothing: the k-th order with no match counts 1 / (2^k * total)
+    for n in range(max_order):
+        if total[n] == 0:
+            break  # hypotheses too short for this order: its precision stays 0, so BLEU is ~0
+        if correct[n] == 0:
+            smooth *= 2
+            precisions[n] = 100.0 / (smooth * total[n])
+        else:
+            precisions[n] = 100.0 * correct[n] / total[n]
+    log_mean = sum(math.log(p) if p > 0 else -9999999999 for p in precisions) / max_order
+    result["bleu"] = bp * math.exp(log_mean)
+    return result
+
+
+def rouge_tokens(text):
+    """rouge-score's default tokenizer: lower case, alphanumeric runs only, no stemming."""
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+
+
+def lcs_length(a, b):
+    row = [0] * (len(b) + 1)  # one row of the LCS table, updated in place
+    for x in a:
+        diagonal = 0
+        for j, y in enumerate(b):
+            diagonal, row[j + 1] = row[j + 1], (diagonal + 1 if x == y else max(row[j + 1], row[j]))
+    return row[-1]
+
+
+def rouge_l(hypotheses, references):
+    """Mean sentence ROUGE-L F-measure (beta 1), as rouge-score's RougeScorer(["rougeL"])."""
+    scores = []
+    for hyp, ref in zip(hypotheses, references, strict=True):
+        hyp, ref = rouge_tokens(hyp), rouge_tokens(ref)
+        lcs = lcs_length(ref, hyp) if hyp and ref else 0
+        p, r = (lcs / len(hyp), lcs / len(ref)) if lcs else (0.0, 0.0)
+        scores.append(2 * p * r / (p + r) if lcs else 0.0)
+    return 100.0 * sum(scores) / max(len(scores), 1)
+
+
+def porter_stem(word):
+    """The Porter (1980) stemmer as published (NLTK's ORIGINAL_ALGORITHM mode): five steps of suffix
+    rules, each guarded by the measure m of the remaining stem (its number of vowel-consonant runs)."""
+    word = word.lower()
+
+    def consonant_flags(w):
+        flags = []
+        for i, ch in enumerate(w):  # y is a consonant at the start or after a vowel
+            flags.append(ch not in "aeiou" and (ch != "y" or i == 0 or not flags[i - 1]))
+        return flags
+
+    def measure(stem):
+        return "".join("c" if c else "v" for c in consonant_flags(stem)).count("vc")
+
+    def has_vowel(stem):
+        return not all(consonant_flags(stem))
+
+    def ends_cvc(w):  # *o: consonant-vowel-consonant, the last not w, x or y (-hop, -wil)
+        f = consonant_flags(w)
+        return len(w) >= 3 and f[-3] and not f[-2] and f[-1] and w[-1] not in "wxy"
+
+    def first_rule(w, rules, condition):
+        """Apply the first rule whose suffix matches; if its condition fails, the step does nothing."""
+        for suffix, replacement in rules:
+            if w.endswith(suffix):
+                stem = w[:len(w) - len(suffix)]
+                return stem + replacement if condition(stem) else w
+        return w
+
+    # step 1a: plurals
+    word = first_rule(word, [("sses", "ss"), ("ies", "i"), ("ss", "ss"), ("s", "")], lambda s: True)
+    # step 1b: -eed, -ed, -ing; then repair the stem so that later steps see -ate, -ble, -ize
+    if word.endswith("eed"):
+        if measure(word[:-3]) > 0:
+            word = word[:-1]
+    else:
+        for suffix in ("ed", "ing"):
+            if word.endswith(suffix) and has_vowel(word[:-len(suffix)]):
+                word = word[:-len(suffix)]
+                if word.endswith(("at", "bl", "iz")):
+                    word += "e"
+                elif len(word) >= 2 and word[-1] == word[-2] and consonant_flags(word)[-1] and word[-1] not in "lsz":
+                    word = word[:-1]  # hopp(ing) -> hop
+                elif measure(word) == 1 and ends_cvc(word):
+                    word += "e"  # fil(ing) -> file
+                break
+    # step 1c: y -> i when the stem has a vowel
+    if word.endswith("y") and has_vowel(word[:-1]):
+        word = word[:-1] + "i"
+    # step 2: double suffixes to single ones (m > 0)
+    word = first_rule(word, [
+        ("ational", "ate"), ("tional", "tion"), ("enci", "ence"), ("anci", "ance"), ("izer", "ize"),
+        ("abli", "able"), ("alli", "al"), ("entli", "ent"), ("eli", "e"), ("ousli", "ous"),
+        ("ization", "ize"), ("ation", "ate"), ("ator", "ate"), ("alism", "al"), ("iveness", "ive"),
+        ("fulness", "ful"), ("ousness", "ous"), ("aliti", "al"), ("iviti", "ive"), ("biliti", "ble"),
+    ], lambda s: measure(s) > 0)
+    # step 3: -icate, -ful, -ness ... (m > 0)
+    word = first_rule(word, [("icate", "ic"), ("ative", ""), ("alize", "al"), ("iciti", "ic"),
+                             ("ical", "ic"), ("ful", ""), ("ness", "")], lambda s: measure(s) > 0)
+    # step 4: strip one last suffix (m > 1); -ion only after s or t
+    word = first_rule(word, [(s, "") for s in ("al", "ance", "ence", "er", "ic", "able", "ible", "ant", "ement",
+                                               "ment", "ent", "ion", "ou", "ism", "ate", "iti", "ous", "ive", "ize")],
+                      lambda s: measure(s) > 1 and (not word.endswith("ion") or s.endswith(("s", "t"))))
+    # step 5: a final -e (m > 1, or m = 1 unless the stem ends cvc), then -ll -> -l (m > 1)
+    if word.endswith("e"):
+        stem = word[:-1]
+        if measure(stem) > 1 or (measure(stem) == 1 and not ends_cvc(stem)):
+            word = stem
+    if word.endswith("ll") and measure(word[:-1]) > 1:
+        word = word[:-1]
+    return word
+
+
+def match_unigrams(hyp, ref, matched):
+    """One METEOR matching stage, as NLTK does it: from the last hypothesis word backwards, each
+    unmatched word takes the last unmatched reference position holding the same string.
+    `matched` ({hyp i: ref j}) is extended in place."""
+    taken = set(matched.values())
+    positions = {}
+    for j, word in enumerate(ref):
+        if j not in taken:
+            positions.setdefault(word, []).append(j)
+    for i in range(len(hyp) - 1, -1, -1):
+        if i not in matched and positions.get(hyp[i]):
+            matched[i] = positions[hyp[i]].pop()
+
+
+def sentence_meteor(hypothesis, reference, alpha=0.9, beta=3.0, gamma=0.5):
+    """METEOR (Banerjee & Lavie 2005, with NLTK's parameters) on lower-cased 13a tokens: unigrams are
+    matched in two stages, exact then Porter stem; F_mean = P R / (alpha P + (1 - alpha) R), times
+    1 - gamma (chunks / matches)^beta, where a chunk is a run of matches adjacent in both sentences.
+    Left out: WordNet synonyms (NLTK's third stage) and METEOR 1.5's paraphrase tables and
+    function-word weights, so synonyms score as misses."""
+    hyp, ref = tokenize_13a(hypothesis.lower()), tokenize_13a(reference.lower())
+    matched = {}
+    match_unigrams(hyp, ref, matched)
+    match_unigrams([porter_stem(w) for w in hyp], [porter_stem(w) for w in ref], matched)
+    if not matched:
+        return 0.0
+    precision, recall = len(matched) / len(hyp), len(matched) / len(ref)
+    f_mean = precision * recall / (alpha * precision + (1 - alpha) * recall)
+    pairs = sorted(matched.items())
+    chunks = 1 + sum(1 for (i, j), (k, l) in zip(pairs, pairs[1:]) if (k, l) != (i + 1, j + 1))
+    return f_mean * (1 - gamma * (chunks / len(pairs)) ** beta)
+
+
+def meteor(hypotheses, references):
+    """Mean sentence METEOR (0-100)."""
+    scores = [sentence_meteor(h, r) for h, r in zip(hypotheses, references, strict=True)]
+    return 100.0 * sum(scores) / max(len(scores), 1)
+
+
+def caption_metrics(hypotheses, references):
+    """Table 12's columns and BLEU-2/3. BLEU is sacreBLEU's corpus BLEU (so it equals BLEU-4 here);
+    BLEU-n is the cumulative corpus BLEU of order n."""
+    scores = {"METEOR": meteor(hypotheses, references), "BLEU": corpus_bleu(hypotheses, references)["bleu"]}
+    for n in range(1, 5):
+        scores[f"BLEU-{n}"] = corpus_bleu(hypotheses, references, max_order=n)["bleu"]
+    scores["ROUGE-L"] = rouge_l(hypotheses, references)
+    return scores
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: phantoms (captions describe the lesions), or an image/caption index
+# ----------------------------------------------------------------------------------------------
+
+def read_jsonl_pairs(path, split, image_column, caption_column):
+    """Rows {image, caption[, split]} of a JSONL index, image paths resolved beside the file."""
+    path, rows = Path(path), []
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        for column in (image_column, caption_column):
+            if not str(row.get(column, "")).strip():
+                raise ValueError(f"{path} line {line_no}: expected a non-empty '{column}', found {row.get(column)!r}")
+        if split is not None and row.get("split") != split:
+            continue
+        image = path.parent / row[image_column]
+        if not image.is_file():
+            raise FileNotFoundError(f"{path} line {line_no}: '{image_column}' names {row[image_column]}, "
+                                    f"but {image} does not exist")
+        rows.append({"image": str(image), "caption": row[caption_column].strip()})
+    if not rows:
+        raise ValueError(f"{path}: no rows with split '{split}'")
+    return rows
+
+
+def load_pairs(split, n_phantoms):
+    """[(image (3,S,S) in [0,1], caption)] of one split of the configured data."""
+    import data as datasets  # the module name `data` is taken by the config global
+
+    def square(img):
+        side = min(img.shape[-2:])
+        return datasets.resize(datasets.center_crop(img, side), img_size)
+
+    if data == "phantom":
+        items = datasets.PhantomDataset(n_phantoms, img_size=img_size, seed=seed, split=split)
+        return [(item["image"], item["caption"]) for item in items]
+    if data.endswith(".jsonl"):
+        return [(square(datasets.read_image(row["image"])), row["caption"])
+                for row in read_jsonl_pairs(data, split, image_column, caption_column)]
+    items = datasets.CaptionDataset(data, split, transform=square, image_column=image_column,
+                                    caption_column=caption_column)
+    return [(item["image"], item["caption"]) for item in items]
+
+
+# ----------------------------------------------------------------------------------------------
+# Training and evaluation
+# ----------------------------------------------------------------------------------------------
+
+def caption_loss(model, vit_tokens, decoder_input_ids, labels):
+    """Mean next-token cross entropy over the caption tokens (OmniRad's L_cap)."""
+    logits = model.bart.decode(decoder_input_ids, model.encode_tokens(vit_tokens))
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def lr_at(step, total_steps):
+    """Linear warm-up, then cosine decay to zero."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+@torch.no_grad()
+def generate_captions(model, tok, vit_tokens, num_beams, max_length, batch=32):
+    """Captions for cached ViT tokens (N, T, Dv); greedy when num_beams is 1 (beam search with one
+    beam is the same search)."""
+    from model import beam_search, greedy_search
+    texts = []
+    for i in range(0, len(vit_tokens), batch):
+        states = model.encode_tokens(vit_tokens[i:i + batch].to(device))
+        if num_beams == 1:
+            seqs = greedy_search(model.bart, states, max_length)
+        else:
+            seqs = beam_search(model.bart, states, num_beams, max_length, length_penalty)
+        texts += decode_captions(tok, seqs.cpu())
+    return texts
+
+
+def constant_caption_baseline(train_captions, n_candidates=50):
+    """The training caption with the best corpus BLEU-4 against all training captions, among the
+    n_candidates most frequent ones: the caption a model that ignores the image should learn."""
+    candidates = [c for c, _ in Counter(train_captions).most_common(n_candidates)]
+    return max(candidates, key=lambda c: corpus_bleu([c] * len(train_captions), train_captions)["bleu"])
+
+
+def format_table(rows, encoder_name):
+    """Markdown in OmniRad Table 12's layout."""
+    cols = ("METEOR", "BLEU", "BLEU-1", "BLEU-4", "ROUGE-L")
+    lines = ["| Image encoder | beams | max_tokens | " + " | ".join(cols) + " |",
+             "|---|---|---|" + "---|" * len(cols)]
+    for row in rows:
+        lines.append(f"| {encoder_name} | {row['beams']} | {row['max_tokens']} | "
+                     + " | ".join(f"{row[c]:.2f}" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def sample_sheet(images, generated, references, path, tile_px=192, text_lines=12):
+    """A PNG grid: each image above its generated (gen) and reference (ref) caption."""
+    from PIL import Image, ImageDraw
+    cols = min(4, len(images))
+    rows = math.ceil(len(images) / cols)
+    line_px = 11
+    text_px = text_lines * line_px
+    sheet = Image.new("RGB", (cols * tile_px, rows * (tile_px + text_px)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (img, gen, ref) in enumerate(zip(images, generated, references)):
+        x, y = (k % cols) * tile_px, (k // cols) * (tile_px + text_px)
+        pixels = (img.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+        sheet.paste(Image.fromarray(pixels).resize((tile_px - 8, tile_px - 8)), (x + 4, y + 4))
+        # the default bitmap font is about 6 px per character; long references are cut
+        width = tile_px // 6 - 1
+        lines = ([(line, (0, 0, 160)) for line in textwrap.wrap(f"gen: {gen}", width)]
+                 + [(line, "black") for line in textwrap.wrap(f"ref: {ref}", width)])
+        for n, (line, colour) in enumerate(lines[:text_lines]):
+            draw.text((x + 4, y + tile_px + n * line_px), line, fill=colour)
+    sheet.save(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+# ----------------------------------------------------------------------------------------------
+if __name__ == "__main__":
+    import sys
+    from config import configure
+    config = configure(globals())
+
+    import model as M
+    from data import normalize
+
+    # -------------------------------------------------------------------- checks
+    t_start = time.time()
+    if batch_size % micro_batch_size:
+        raise ValueError(f"batch_size {batch_size} must be a multiple of micro_batch_size {micro_batch_size}")
+    if data != "phantom" and not Path(data).is_file():
+        raise FileNotFoundError(f"data: '{data}' is neither 'phantom' nor an existing CSV/JSONL index")
+    if bart_init and not tokenizer:
+        raise ValueError("bart_init needs the checkpoint's own tokenizer: give --tokenizer=.../tokenizer.json")
+    torch.manual_seed(seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    print(f"caption.py: device {device}, data {data}, out_dir {out}")
+
+    # -------------------------------------------------------------------- data
+    train_pairs = load_pairs(train_split, phantom_sizes[0])
+    test_pairs = load_pairs(test_split, phantom_sizes[1])
+    train_captions = [c for _, c in train_pairs]
+    test_captions = [c for _, c in test_pairs]
+    print(f"data: {len(train_pairs)} train / {len(test_pairs)} test pairs at {img_size} px")
+
+    # -------------------------------------------------------------------- tokenizer
+    if tokenizer:
+        tok = Tokenizer.from_file(tokenizer)
+        print(f"tokenizer: {tokenizer} ({tok.get_vocab_size()} tokens)")
+    else:
+        tok = train_tokenizer(train_captions, bpe_vocab_size)
+        print(f"tokenizer: byte-level BPE trained on the training captions ({tok.get_vocab_size()} tokens)")
+    ids = special_token_ids(tok, tokenizer or "trained BPE")
+    tok.save(str(out / "tokenizer.json"))
+
+    # -------------------------------------------------------------------- model
+    if init_from:
+        vit = M.load_backbone(init_from)
+    else:
+        vit = M.ViT(M.vit_config(arch, patch_size=patch_size, img_size=img_size))
+        print(f"ViT: RANDOM INIT ({arch}, patch {patch_size}) -- a baseline, not a pretrained encoder")
+    if bart_init:
+        bart = M.load_bart(bart_init)
+        if tok.get_vocab_size() > bart.config.vocab_size:
+            raise ValueError(f"tokenizer {tokenizer} has {tok.get_vocab_size()} tokens but BART {bart_init} "
+                             f"only {bart.config.vocab_size} embeddings")
+    else:
+        bart = M.Bart(M.bart_config(bart_size, vocab_size=tok.get_vocab_size(),
+                                    max_position_embeddings=max(n_queries, max(max_tokens), max_caption_tokens), **ids))
+    for name, value in ids.items():
+        if getattr(bart.config, name) != value:
+            raise ValueError(f"tokenizer {name}={value} but BART config has {getattr(bart.config, name)}")
+    model = M.Captioner(vit, bart, n_queries).to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    print(f"model: ViT {sum(p.numel() for p in vit.parameters()):,} params (frozen), trainable "
+          f"{sum(p.numel() for p in trainable):,} (projection + merger + BART d={bart.config.d_model})")
+
+    # -------------------------------------------------------------------- frozen ViT tokens
+    @torch.no_grad()
+    def vit_tokens_of(pairs):
+        chunks = []
+        for i in range(0, len(pairs), 64):
+            images = normalize(torch.stack([img for img, _ in pairs[i:i + 64]])).to(device)
+            with amp:
+                chunks.append(model.vit_tokens(images).float().cpu())
+        return torch.cat(chunks)
+
+    test_tokens = vit_tokens_of(test_pairs)
+    train_tokens = vit_tokens_of(train_pairs) if cache_vit_tokens else None
+    train_ids = [caption_ids(tok, c, max_caption_tokens, ids) for c in train_captions]
+    test_ids = [caption_ids(tok, c, max_caption_tokens, ids) for c in test_captions]
+
+    # -------------------------------------------------------------------- training
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, fused=device == "cuda")
+    accum = batch_size // micro_batch_size
+    steps_per_epoch = math.ceil(len(train_pairs) / batch_size)
+    total_steps = epochs * steps_per_epoch
+    generator = torch.Generator().manual_seed(seed)
+    step, t_train = 0, time.time()
+    print(f"training: {epochs} epochs x {steps_per_epoch} steps, batch {batch_size} = {accum} x {micro_batch_size}")
+
+    def batch_tensors(indices, token_ids, tokens_cache, pairs):
+        if tokens_cache is not None:
+            vit_in = tokens_cache[indices].to(device)
+        else:
+            vit_in = vit_tokens_of([pairs[i] for i in indices]).to(device)
+        dec_in, labels = teacher_forcing_batch([token_ids[i] for i in indices], ids["pad_token_id"],
+                                               bart.config.decoder_start_token_id)
+        return vit_in, dec_in.to(device), labels.to(device)
+
+    @torch.no_grad()
+    def test_loss():
+        model.eval()
+        losses = []
+        for i in range(0, len(test_pairs), micro_batch_size):
+            idx = torch.arange(i, min(i + micro_batch_size, len(test_pairs)))
+            with amp:
+                losses.append(caption_loss(model, *batch_tensors(idx, test_ids, test_tokens, test_pairs)).item())
+        model.train()
+        return sum(losses) / len(losses)
+
+    model.train()
+    history = []
+    for epoch in range(epochs):
+        order = torch.randperm(len(train_pairs), generator=generator)
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(step, total_steps)
+            loss_sum = 0.0
+            for micro in batch.split(micro_batch_size):
+                with amp:
+                    loss = caption_loss(model, *batch_tensors(micro, train_ids, train_tokens, train_pairs))
+                (loss * len(micro) / len(batch)).backward()
+                loss_sum += loss.item() * len(micro) / len(batch)
+            torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step % 10 == 0 or step == total_steps:
+                elapsed = time.time() - t_train
+                print(f"step {step}/{total_steps} epoch {epoch + 1} loss {loss_sum:.4f} lr {lr_at(step - 1, total_steps):.2e} "
+                      f"{step * batch_size / elapsed:.0f} img/s ETA {elapsed / step * (total_steps - step):.0f}s")
+        history.append({"epoch": epoch + 1, "train_loss": loss_sum, "test_loss": test_loss()})
+        print(f"epoch {epoch + 1}: last train loss {loss_sum:.4f}, test loss {history[-1]['test_loss']:.4f}")
+    train_s = time.time() - t_train
+    model.eval()
+
+    # -------------------------------------------------------------------- checkpoint
+    state = {k: v for k, v in model.state_dict().items()}
+    meta = {"vit_config": json.dumps(asdict(vit.config)), "bart_config": json.dumps(asdict(bart.config)),
+            "n_queries": str(n_queries), "init_from": init_from or "random"}
+    M.save_safetensors_atomic(state, out / "captioner.safetensors", meta)
+    M.save_json_atomic({"format": "nanorad-captioner", **{k: json.loads(v) if k.endswith("config") else v
+                                                          for k, v in meta.items()}}, out / "captioner.safetensors.json")
+
+    # -------------------------------------------------------------------- evaluation
+    t_eval = time.time()
+    table = []
+    for num_beams in beams:
+        for max_len in max_tokens:
+            hyps = generate_captions(model, tok, test_tokens, num_beams, max_len)
+            table.append({"beams": num_beams, "max_tokens": max_len, **caption_metrics(hyps, test_captions)})
+            print(f"beams {num_beams} max_tokens {max_len}: " + " ".join(f"{k} {v:.2f}" for k, v in table[-1].items()
+                                                                        if k not in ("beams", "max_tokens")))
+    constant = constant_caption_baseline(train_captions)
+    baseline = {"caption": constant, **caption_metrics([constant] * len(test_captions), test_captions)}
+    print(f"constant-caption baseline '{constant}': BLEU-4 {baseline['BLEU-4']:.2f} METEOR {baseline['METEOR']:.2f}")
+    eval_s = time.time() - t_eval
+
+    # -------------------------------------------------------------------- results
+    best_beams = 5 if 5 in beams else beams[-1]
+    samples = generate_captions(model, tok, test_tokens[:n_samples], best_beams, max(max_tokens))
+    sample_sheet([img for img, _ in test_pairs[:n_samples]], samples, test_captions[:n_samples], out / "samples.png")
+    encoder_name = Path(init_from).stem if init_from else f"random-init ViT-{arch}"
+    markdown = format_table(table, encoder_name)
+    (out / "table.md").write_text(markdown + "\n")
+    results = {"config": config, "table": table, "constant_baseline": baseline, "history": history,
+               "samples": [{"generated": g, "reference": r} for g, r in zip(samples, test_captions[:n_samples])],
+               "n_train": len(train_pairs), "n_test": len(test_pairs), "device": device,
+               "train_seconds": train_s, "eval_seconds": eval_s, "total_seconds": time.time() - t_start,
+               "command": " ".join(sys.argv)}
+    M.save_json_atomic(results, out / "results.json")
+    print(markdown)
+    print(f"done in {time.time() - t_start:.0f}s (train {train_s:.0f}s, eval {eval_s:.0f}s); wrote {out}/results.json, "
+          f"table.md, samples.png, captioner.safetensors, tokenizer.json")

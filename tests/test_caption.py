@@ -1,0 +1,321 @@
+"""Captioning: BART-lite against HuggingFace's BartForConditionalGeneration (../shared/oracles),
+decoding, the frozen-ViT Captioner, the tokenizer, and the hand-written metrics against sacrebleu,
+rouge-score and NLTK (test-only oracles, tests/requirements.txt)."""
+import json
+
+import pytest
+import sacrebleu
+import torch
+from nltk.stem.porter import PorterStemmer
+from nltk.translate.meteor_score import single_meteor_score
+from rouge_score import rouge_scorer
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import caption as C
+from model import (Bart, Captioner, ViT, bart_config, bart_config_from_hf, bart_from_hf_state, beam_search,
+                   greedy_search, load_bart, vit_config)
+
+TOL = 1e-4
+
+
+# ---------------------------------------------------------------------------- BART vs HuggingFace
+
+@pytest.fixture(scope="module")
+def bart_oracle(oracles_dir):
+    path = oracles_dir / "bart_hf.safetensors"
+    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["meta"])
+    weights = {k[len("weights."):]: v for k, v in tensors.items() if k.startswith("weights.")}
+    model = bart_from_hf_state(weights, bart_config_from_hf(meta["config"])).eval()
+    return tensors, weights, meta, model
+
+
+@torch.no_grad()
+def test_bart_matches_hf_encoder_states_and_logits(bart_oracle):
+    tensors, _, _, model = bart_oracle
+    states = model.encode(tensors["input.inputs_embeds"])
+    assert (states - tensors["out.encoder_last_hidden_state"]).abs().max() < TOL
+    # decoder_attention_mask pads the end of the first row: padded keys must be ignored
+    logits = model.decode(tensors["input.decoder_input_ids"], states, tensors["input.decoder_attention_mask"])
+    assert (logits - tensors["out.logits"]).abs().max() < TOL
+
+
+@torch.no_grad()
+def test_beam_search_reproduces_hf_generate_beam5_max16(bart_oracle):
+    tensors, _, _, model = bart_oracle
+    states = model.encode(tensors["input.inputs_embeds"])
+    out = beam_search(model, states, num_beams=5, max_length=16, length_penalty=1.0)
+    assert torch.equal(out, tensors["out.beam5_max16"])
+
+
+@torch.no_grad()
+def test_load_bart_reads_hf_files_with_and_without_config_json(bart_oracle, tmp_path):
+    tensors, weights, meta, _ = bart_oracle
+    with_config = tmp_path / "hf"
+    with_config.mkdir()
+    save_file(weights, str(with_config / "model.safetensors"))
+    (with_config / "config.json").write_text(json.dumps(meta["config"]))
+    bare = tmp_path / "bare.safetensors"
+    save_file({k: v for k, v in weights.items() if k != "lm_head.weight"}, str(bare))  # tied copy left out
+    heads = meta["config"]["encoder_attention_heads"]
+    for model in (load_bart(with_config), load_bart(bare, encoder_attention_heads=heads, decoder_attention_heads=heads)):
+        states = model.eval().encode(tensors["input.inputs_embeds"])
+        logits = model.decode(tensors["input.decoder_input_ids"], states, tensors["input.decoder_attention_mask"])
+        assert (logits - tensors["out.logits"]).abs().max() < TOL
+
+
+def test_load_bart_rejects_untied_output_embeddings(bart_oracle):
+    _, weights, meta, _ = bart_oracle
+    untied = dict(weights, **{"lm_head.weight": weights["lm_head.weight"] + 1.0})
+    with pytest.raises(KeyError, match="lm_head.weight"):
+        bart_from_hf_state(untied, bart_config_from_hf(meta["config"]))
+
+
+# ---------------------------------------------------------------------------- decoding
+
+def random_bart(seed=0, eos_bias=0.0):
+    """A tiny BART whose random weights are large enough that it does not just repeat its input
+    token (at BART's init scale every step predicts the token it was fed)."""
+    torch.manual_seed(seed)
+    model = Bart(bart_config("tiny", d_model=64, encoder_layers=1, decoder_layers=2, encoder_attention_heads=4,
+                             decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=50,
+                             max_position_embeddings=32, dropout=0.0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and "embed_positions" not in name:
+                p.normal_(0, 3.0 / p.shape[1] ** 0.5)
+        model.final_logits_bias[0, model.config.eos_token_id] = eos_bias
+    return model.eval()
+
+
+def caption_lengths(seqs, pad_id=1):
+    return [int((row != pad_id).sum()) for row in seqs]
+
+
+@torch.no_grad()
+def test_kv_cached_steps_give_the_same_logits_as_full_decoding():
+    model = random_bart()
+    states = model.encode(torch.randn(3, 7, 64))
+    ids = torch.randint(0, 50, (3, 9))
+    full = model.decode(ids, states)
+    cache = model.new_cache(states)
+    stepped = torch.cat([model.decode_step(ids[:, t:t + 1], cache) for t in range(ids.shape[1])], dim=1)
+    torch.testing.assert_close(stepped, full, rtol=1e-5, atol=1e-4)  # logits here are O(50)
+
+
+@torch.no_grad()
+def test_greedy_with_kv_cache_equals_greedy_recomputing_everything():
+    model = random_bart(seed=1)
+    states = model.encode(torch.randn(4, 7, 64))
+    max_length = 20
+    cached = greedy_search(model, states, max_length)
+    cfg = model.config
+    seqs = torch.full((4, 1), cfg.decoder_start_token_id)
+    running = torch.ones(4, dtype=torch.bool)
+    for cur_len in range(1, max_length):  # no cache: the whole prefix through the decoder every step
+        logits = model.decode(seqs, states)[:, -1]
+        next_ids = logits.argmax(-1) if cur_len < max_length - 1 else torch.full((4,), cfg.eos_token_id)
+        next_ids = torch.where(running, next_ids, cfg.pad_token_id)
+        seqs = torch.cat([seqs, next_ids[:, None]], dim=1)
+        running &= next_ids != cfg.eos_token_id
+        if not running.any():
+            break
+    assert torch.equal(cached, seqs)
+    assert len(set(caption_lengths(cached))) > 1 and max(caption_lengths(cached)) > 5  # early and late ends
+
+
+@torch.no_grad()
+def test_batched_beam_search_equals_one_image_at_a_time():
+    model = random_bart(seed=1)  # some hypotheses close early, others run to the limit
+    states = model.encode(torch.randn(5, 7, 64))
+    batched = beam_search(model, states, num_beams=4, max_length=12)
+    lengths = set()
+    for i in range(5):
+        alone = beam_search(model, states[i:i + 1], num_beams=4, max_length=12)[0]
+        lengths.add(len(alone))
+        assert torch.equal(batched[i, :len(alone)], alone)
+        assert (batched[i, len(alone):] == model.config.pad_token_id).all()
+    assert len(lengths) > 1, "the case should mix caption lengths"
+
+
+@torch.no_grad()
+def test_beam_search_with_one_beam_is_greedy():
+    model = random_bart(seed=1)
+    states = model.encode(torch.randn(6, 7, 64))
+    assert torch.equal(beam_search(model, states, num_beams=1, max_length=12), greedy_search(model, states, 12))
+
+
+# ---------------------------------------------------------------------------- the captioner
+
+def tiny_captioner(vocab_size, img_size=32):
+    vit = ViT(vit_config("tiny", depth=2, patch_size=8, img_size=img_size))
+    bart = Bart(bart_config("tiny", d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                            decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                            vocab_size=vocab_size, max_position_embeddings=32, dropout=0.0))
+    return Captioner(vit, bart, n_queries=8)
+
+
+def test_only_projection_merger_and_bart_train_the_vit_stays_bit_identical():
+    torch.manual_seed(0)
+    model = tiny_captioner(vocab_size=40).train()
+    assert not model.vit.training, "the frozen ViT must stay in eval mode"
+    vit_before = {k: v.clone() for k, v in model.vit.state_dict().items()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    images, ids = torch.randn(2, 3, 32, 32), torch.randint(0, 40, (2, 6))
+    logits = model(images, ids)
+    F = torch.nn.functional
+    F.cross_entropy(logits.flatten(0, 1), torch.randint(0, 40, (12,))).backward()
+    optimizer.step()
+    assert all(p.grad is None for p in model.vit.parameters())
+    trained = {name.split(".")[0] for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert trained == {"prefix", "bart"}
+    for part in ("prefix.proj.weight", "prefix.norm.weight", "prefix.queries"):
+        assert dict(model.named_parameters())[part].grad.abs().sum() > 0, part
+    assert all(torch.equal(v, vit_before[k]) for k, v in model.vit.state_dict().items())
+
+
+def test_short_training_on_phantoms_lowers_the_caption_loss():
+    from data import PhantomDataset, normalize
+    torch.manual_seed(0)
+    items = [PhantomDataset(48, img_size=32, seed=0, split="train")[i] for i in range(48)]
+    captions = [item["caption"] for item in items]
+    tok = C.train_tokenizer(captions, 200)
+    ids = C.special_token_ids(tok, "test")
+    model = tiny_captioner(tok.get_vocab_size()).train()
+    vit_tokens = model.vit_tokens(normalize(torch.stack([item["image"] for item in items])))
+    dec_in, labels = C.teacher_forcing_batch([C.caption_ids(tok, c, 32, ids) for c in captions],
+                                                   ids["pad_token_id"], model.bart.config.decoder_start_token_id)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss = C.caption_loss(model, vit_tokens, dec_in, labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+def test_bpe_tokenizer_round_trips_text_and_uses_bart_special_ids(tmp_path):
+    tok = C.train_tokenizer(["a nodule in the right upper lung", "no lesion, clear lungs"] * 5, 300)
+    ids = C.special_token_ids(tok, "test")
+    assert ids == {"bos_token_id": 0, "pad_token_id": 1, "eos_token_id": 2}
+    text = "Consolidation: 3.5 cm, T2-weighted (ü) — right lung."  # unseen words and bytes still round-trip
+    tokens = C.caption_ids(tok, text, 200, ids)
+    assert tokens[0] == 0 and tokens[-1] == 2
+    assert C.decode_captions(tok, [torch.tensor(tokens)]) == [text]
+    tok.save(str(tmp_path / "tokenizer.json"))
+    reloaded = C.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert reloaded.encode(text).ids == tok.encode(text).ids
+    assert len(C.caption_ids(tok, text, 6, ids)) == 6
+
+
+def test_teacher_forcing_shifts_labels_behind_the_start_token():
+    dec_in, labels = C.teacher_forcing_batch([[0, 7, 8, 2], [0, 9, 2]], pad_id=1, decoder_start_id=2)
+    assert labels.tolist() == [[0, 7, 8, 2], [0, 9, 2, -100]]
+    assert dec_in.tolist() == [[2, 0, 7, 8], [2, 0, 9, 2]]  # HF's shift_tokens_right
+
+
+# ---------------------------------------------------------------------------- metrics
+
+HYPS = [
+    "The lungs are clear. No pleural effusion.",
+    "Bilateral patchy opacities in the lower lobes, more on the right.",
+    "a nodule in the left upper lung",
+    "Heart size is normal",
+    "consolidation in the right middle lung with air bronchograms",
+    "",
+    "3.5 cm mass, T2-weighted hyperintense; follow-up in 3-6 months.",
+    "no no no no",
+]
+REFS = [
+    "The lungs are clear; there is no pleural effusion.",
+    "Patchy bilateral opacities in both lower lobes, predominantly right-sided.",
+    "a nodule in the left lower lung",
+    "The cardiomediastinal silhouette is within normal limits.",
+    "consolidation in the right middle lung",
+    "no lesion, clear lungs",
+    "A 3.5 cm T2-hyperintense mass; follow-up MRI in 3-6 months is advised.",
+    "no focal consolidation",
+]
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_corpus_bleu_matches_sacrebleu(order):
+    expected = sacrebleu.metrics.BLEU(max_ngram_order=order).corpus_score(HYPS, [REFS])
+    ours = C.corpus_bleu(HYPS, REFS, max_order=order)
+    assert ours["bleu"] == pytest.approx(expected.score, abs=1e-9)
+    assert ours["precisions"] == pytest.approx(expected.precisions, abs=1e-9)
+    assert ours["bp"] == pytest.approx(expected.bp, abs=1e-12)
+
+
+def test_bleu_of_single_pairs_matches_sacrebleu_including_smoothing():
+    for hyp, ref in zip(HYPS, REFS):  # single pairs hit the zero-match and brevity cases
+        expected = sacrebleu.metrics.BLEU().corpus_score([hyp], [[ref]]).score
+        assert C.corpus_bleu([hyp], [ref])["bleu"] == pytest.approx(expected, abs=1e-9), (hyp, ref)
+
+
+def test_13a_tokenizer_matches_sacrebleu():
+    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+    reference = Tokenizer13a()
+    for line in HYPS + REFS + ["x&amp;y &lt;3 1,000.5 (a/b) -7 a-b [c] {d} 'e' \"f\""]:
+        assert C.tokenize_13a(line) == reference(line).split()
+
+
+def test_rouge_l_matches_rouge_score():
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    expected = [scorer.score(ref, hyp)["rougeL"].fmeasure for hyp, ref in zip(HYPS, REFS)]
+    assert C.rouge_l(HYPS, REFS) == pytest.approx(100 * sum(expected) / len(expected), abs=1e-9)
+
+
+WORDS = """caresses ponies ties caress cats feed agreed plastered bled motoring sing conflated troubled sized
+hopping tanned falling hissing fizzed failing filing happy sky relational conditional rational valenci
+hesitanci digitizer conformabli radicalli differentli vileli analogousli vietnamization predication operator
+feudalism decisiveness hopefulness callousness formaliti sensitiviti sensibiliti triplicate formative
+formalize electriciti electrical hopeful goodness revival allowance inference airliner gyroscopic adjustable
+defensible irritant replacement adjustment dependent adoption homologou communism activate angulariti
+homologous effective bowdlerize probate rate cease controll roll generalizations oscillators toy syzygy
+opacities consolidation nodules bilateral pneumonia infiltrates effusion enlarged cardiomegaly intubated
+lungs findings showing reticular interstitial markings alveolar progressed is a by y yyyy enjoy""".split()
+
+
+def test_porter_stemmer_matches_nltk_original_algorithm():
+    nltk_porter = PorterStemmer(PorterStemmer.ORIGINAL_ALGORITHM)
+    assert [C.porter_stem(w) for w in WORDS] == [nltk_porter.stem(w) for w in WORDS]
+
+
+class NoSynonyms:
+    """Stands in for WordNet, so that NLTK's METEOR runs only its exact and stem stages, like ours."""
+    def synsets(self, word):
+        return []
+
+
+def test_meteor_matches_nltk_exact_and_stem_stages():
+    porter = PorterStemmer(PorterStemmer.ORIGINAL_ALGORITHM)
+    for hyp, ref in zip(HYPS, REFS):
+        expected = single_meteor_score(C.tokenize_13a(ref.lower()), C.tokenize_13a(hyp.lower()),
+                                       stemmer=porter, wordnet=NoSynonyms())
+        assert C.sentence_meteor(hyp, ref) == pytest.approx(expected, abs=1e-12), (hyp, ref)
+
+
+def test_meteor_on_hand_computed_cases():
+    # identical: P = R = 1, one chunk of 6 matches: 1 - 0.5 (1/6)^3
+    assert C.sentence_meteor("the cat sat on the mat", "the cat sat on the mat") == pytest.approx(1 - 0.5 / 216)
+    # stems only (cats/cat, running/runs -> run): 2 matches in one chunk: 1 - 0.5 (1/2)^3
+    assert C.sentence_meteor("cats running", "cat runs") == pytest.approx(1 - 0.5 / 8)
+    # 2 of 3 hypothesis words match 2 of 4 reference words, in 2 chunks:
+    # P = 2/3, R = 1/2, F = PR / (0.9 P + 0.1 R) = (1/3) / (0.6 + 0.05), penalty 0.5 (2/2)^3 = 0.5
+    assert C.sentence_meteor("nodule left big", "left lung has nodule") == pytest.approx((1 / 3) / 0.65 * 0.5)
+    assert C.sentence_meteor("completely different", "no overlap here") == 0.0
+
+
+def test_caption_metrics_are_perfect_for_perfect_captions():
+    scores = C.caption_metrics(REFS, REFS)
+    for name in ("BLEU", "BLEU-1", "BLEU-4", "ROUGE-L"):
+        assert scores[name] == pytest.approx(100.0)
+    assert 90 < scores["METEOR"] < 100  # the fragmentation penalty never reaches 0
