@@ -45,8 +45,8 @@ def softmax_center_reference(teacher_logits, center, teacher_temp):
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels: the statistics pass loops over the batch for a block of classes (giving the
-# batch sum of that block whole, and per-row partial max / sum-of-exp for it); the probabilities
-# pass works on 2-D tiles.
+# batch sum of that block whole, and per-row partial max / sum-of-exp for it); a small kernel
+# combines those into each row's log-sum-exp; the probabilities pass works on 2-D tiles.
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
@@ -72,6 +72,26 @@ def _stats_kernel(t_ptr, center_ptr, logits_sum_ptr, part_max_ptr, part_sum_ptr,
         tl.store(part_max_ptr + pid_k * B + offs_b, row_max, mask=mask_b)
         tl.store(part_sum_ptr + pid_k * B + offs_b, row_sum, mask=mask_b)
     tl.store(logits_sum_ptr + offs_k, batch_sum, mask=mask_k)
+
+
+@triton.jit
+def _lse_kernel(part_max_ptr, part_sum_ptr, lse_ptr, B, n_parts, BLOCK_P: tl.constexpr, BLOCK_B: tl.constexpr):
+    # combines the statistics of the K blocks into each row's log2-sum-exp2 (a few KB: one small
+    # kernel instead of half a dozen PyTorch ops, whose launches would cost more than the work)
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    m = tl.full([BLOCK_B], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_B], tl.float32)
+    for p0 in range(0, n_parts, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask = (offs_p[:, None] < n_parts) & mask_b[None, :]
+        part_max = tl.load(part_max_ptr + offs_p[:, None] * B + offs_b[None, :], mask=mask, other=float("-inf"))
+        part_sum = tl.load(part_sum_ptr + offs_p[:, None] * B + offs_b[None, :], mask=mask, other=0.0)
+        m_new = tl.maximum(m, tl.max(part_max, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past the batch
+        s = s * tl.exp2(m - m_safe) + tl.sum(part_sum * tl.exp2(part_max - m_safe[None, :]), axis=0)
+        m = m_new
+    tl.store(lse_ptr + offs_b, m + tl.log2(tl.where(mask_b, s, 1.0)), mask=mask_b)
 
 
 @triton.jit
@@ -104,10 +124,10 @@ def softmax_center_triton(teacher_logits, center, teacher_temp):
     part_max, part_sum = torch.empty(n_kblocks, B, **f32), torch.empty(n_kblocks, B, **f32)
     _stats_kernel[(n_kblocks,)](t, center, logits_sum, part_max, part_sum, B, K, t.stride(0), scale,
                                 BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, num_warps=4)
-    if _distributed():  # overlaps with the statistics combination below
-        handle = dist.all_reduce(logits_sum, async_op=True)
-    row_max = part_max.amax(dim=0)
-    lse = row_max + torch.log2((part_sum * torch.exp2(part_max - row_max)).sum(dim=0))
+    if _distributed():
+        handle = dist.all_reduce(logits_sum, async_op=True)  # overlaps with the probabilities
+    lse = torch.empty(B, **f32)
+    _lse_kernel[(triton.cdiv(B, 32),)](part_max, part_sum, lse, B, n_kblocks, BLOCK_P=128, BLOCK_B=32, num_warps=4)
     probs = torch.empty(B, K, **f32)
     _probs_kernel[(triton.cdiv(B, BLOCK_B), n_kblocks)](t, center, lse, probs, B, K, t.stride(0), probs.stride(0),
                                                          scale, BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, num_warps=4)

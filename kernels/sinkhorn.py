@@ -8,8 +8,9 @@ and finally multiply by B so that each sample's column is a distribution over pr
 Every one of those steps scales whole rows or whole columns, so the result is
 diag(a) E diag(b) with E = exp(t / temp) and two scale vectors: a (K) and b (B). The fused version
 keeps E implicit, recomputes it from the logits in every pass (exp is cheaper than reading a
-second B x K matrix) and only ever materialises a and b: 2 * n_iterations reading passes and one
-writing pass instead of DINOv2's ~40 passes of elementwise PyTorch ops.
+second B x K matrix) and only ever materialises log a and log b: 2 * n_iterations reading passes
+and one writing pass instead of DINOv2's ~40 passes of elementwise PyTorch ops, and no PyTorch
+ops between the kernels on a single process (each launch costs ~30 us of CPU).
 
 Numerical safety: exp(t / temp) overflows float32 once t / temp > 88, and with a 0.04
 temperature teacher logits of 4 are enough (DINOv2 itself returns NaN on the logits of
@@ -18,10 +19,12 @@ the whole (all-rank) batch first. That is invisible in the result: a per-prototy
 undone by the first row normalisation. A single global maximum would not do: with a spread of
 ~600 in t / temp whole prototype rows underflow to zero and the normalisation divides 0 by 0.
 For the same reason DINOv2's first division by the total of Q is skipped in the fused version
-(the row normalisation that follows undoes any common factor).
+(the row normalisation that follows undoes any common factor). The fused version goes further and
+takes each pass's log-sum-exp against its own running maximum (see the kernels).
 
 Distributed: the batch is split across ranks, so per-prototype maxima and sums are all-reduced
-between the passes; per-sample sums are local.
+between the passes (DINOv2 all-reduces Q's total and the per-prototype sums; the total cancels);
+per-sample sums are local.
 """
 import math
 
@@ -71,120 +74,103 @@ def sinkhorn_knopp_reference(teacher_logits, teacher_temp, n_iterations=3, n_sam
 
 
 # ----------------------------------------------------------------------------------------------
-# Triton kernels. The logits t are (B, K) row-major; E[b, k] = exp2(t[b, k] * scale - m[k]) with
-# scale = log2(e) / temp and m the per-prototype maximum of t * scale.
+# Triton kernels, in the log2 domain. The logits t are (B, K) row-major and x = t * log2(e) / temp.
+# Q[k, b] = exp2(x[b, k] + u[k] + v[b]): u and v are the logs of the prototype and sample scales.
+# Normalising rows undoes the old u entirely (and columns the old v), so each pass computes the
+# new u from v alone (and the new v from u alone), as a log-sum-exp with its own running maximum:
+# nothing overflows, and no row or column sum underflows to 0.
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _prototype_max_sum_kernel(t_ptr, max_ptr, sum_ptr, B, K, stride_b, scale,
-                              BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
-    # First pass, one program per block of prototypes, looping over the whole local batch:
-    # online maximum and sum of exp2 (the same rescaling trick as online softmax).
+def _prototype_pass_kernel(t_ptr, v_ptr, max_ptr, sum_ptr, u_ptr, B, K, stride_b, scale, log2_K,
+                           BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    # One program per block of prototypes, looping over the local batch: rows of Q normalised to
+    # 1/K, i.e. u[k] = -log2(K * sum_b exp2(x[b, k] + v[b])), via an online maximum.
     offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
     m = tl.full([BLOCK_K], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_K], tl.float32)
     for b0 in range(0, B, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
-        mask = (offs_b[:, None] < B) & mask_k[None, :]
-        x = tl.load(t_ptr + offs_b[:, None].to(tl.int64) * stride_b + offs_k[None, :], mask=mask, other=0.0)
-        x = tl.where(offs_b[:, None] < B, x.to(tl.float32) * scale, float("-inf"))
+        mask_b = offs_b < B
+        x = tl.load(t_ptr + offs_b[:, None].to(tl.int64) * stride_b + offs_k[None, :],
+                    mask=mask_b[:, None] & mask_k[None, :], other=0.0)
+        v = tl.load(v_ptr + offs_b, mask=mask_b, other=0.0)
+        x = tl.where(mask_b[:, None], x.to(tl.float32) * scale + v[:, None], float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=0))
         s = s * tl.exp2(m - m_new) + tl.sum(tl.exp2(x - m_new[None, :]), axis=0)
         m = m_new
+    # max and sum are kept for the cross-rank reduction; u is final on a single process
     tl.store(max_ptr + offs_k, m, mask=mask_k)
     tl.store(sum_ptr + offs_k, s, mask=mask_k)
+    tl.store(u_ptr + offs_k, -(m + tl.log2(s) + log2_K), mask=mask_k)
 
 
 @triton.jit
-def _prototype_sum_kernel(t_ptr, max_ptr, a_ptr, b_ptr, sum_ptr, B, K, stride_b, scale,
-                          BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
-    # Row sums of Q = diag(a) E diag(b) (one per prototype), over the local batch.
-    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask_k = offs_k < K
-    m = tl.load(max_ptr + offs_k, mask=mask_k, other=0.0)
-    a = tl.load(a_ptr + offs_k, mask=mask_k, other=0.0)
-    s = tl.zeros([BLOCK_K], tl.float32)
-    for b0 in range(0, B, BLOCK_B):
-        offs_b = b0 + tl.arange(0, BLOCK_B)
-        mask = (offs_b[:, None] < B) & mask_k[None, :]
-        x = tl.load(t_ptr + offs_b[:, None].to(tl.int64) * stride_b + offs_k[None, :], mask=mask, other=0.0)
-        bs = tl.load(b_ptr + offs_b, mask=offs_b < B, other=0.0)
-        # -inf, not 0, past the batch: exp2(0 - m) overflows when a prototype's maximum is very negative
-        x = tl.where(mask, x.to(tl.float32) * scale - m[None, :], float("-inf"))
-        s += tl.sum(tl.exp2(x) * bs[:, None], axis=0)
-    tl.store(sum_ptr + offs_k, s * a, mask=mask_k)
-
-
-@triton.jit
-def _sample_normalize_kernel(t_ptr, max_ptr, a_ptr, b_ptr, K, stride_b, scale, n_samples_total,
-                             BLOCK_K: tl.constexpr):
-    # One program per sample: its column sum over all prototypes, then b[sample] is rescaled in
-    # place so that the column sums to 1/B (column sums are local to a rank: no all-reduce).
+def _sample_pass_kernel(t_ptr, u_ptr, v_ptr, K, stride_b, scale, log2_B, BLOCK_K: tl.constexpr):
+    # One program per sample (columns are local to a rank): the column of Q normalised to 1/B,
+    # i.e. v[b] = -log2(B * sum_k exp2(x[b, k] + u[k])). Each lane keeps its own running maximum,
+    # so the loop needs no reduction across lanes until the end.
     row = tl.program_id(0)
     t_row = t_ptr + row.to(tl.int64) * stride_b
-    c = tl.zeros([BLOCK_K], tl.float32)
+    m = tl.full([BLOCK_K], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         x = tl.load(t_row + offs_k, mask=mask_k, other=0.0)
-        m = tl.load(max_ptr + offs_k, mask=mask_k, other=0.0)
-        a = tl.load(a_ptr + offs_k, mask=mask_k, other=0.0)  # 0 past K
-        c += tl.exp2(x.to(tl.float32) * scale - m) * a
-    b = tl.load(b_ptr + row)
-    column_sum = tl.sum(c, axis=0) * b
-    tl.store(b_ptr + row, b / column_sum / n_samples_total)
+        u = tl.load(u_ptr + offs_k, mask=mask_k, other=0.0)
+        z = tl.where(mask_k, x.to(tl.float32) * scale + u, float("-inf"))
+        m_new = tl.maximum(m, z)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # lanes that saw nothing yet: no -inf - -inf
+        s = s * tl.exp2(m - m_safe) + tl.exp2(z - m_safe)
+        m = m_new
+    row_max = tl.max(m, axis=0)
+    total = tl.sum(s * tl.exp2(m - row_max), axis=0)
+    tl.store(v_ptr + row, -(row_max + tl.log2(total) + log2_B))
 
 
 @triton.jit
-def _write_kernel(t_ptr, max_ptr, a_ptr, b_ptr, out_ptr, B, K, stride_b, stride_out, scale, n_samples_total,
+def _write_kernel(t_ptr, u_ptr, v_ptr, out_ptr, B, K, stride_b, stride_out, scale, log2_B,
                   BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Q * B, transposed back to (B, K): each sample's row is its assignment distribution
     offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_b = offs_b < B
     mask_k = offs_k < K
     mask = mask_b[:, None] & mask_k[None, :]
     x = tl.load(t_ptr + offs_b[:, None].to(tl.int64) * stride_b + offs_k[None, :], mask=mask, other=0.0)
-    m = tl.load(max_ptr + offs_k, mask=mask_k, other=0.0)
-    a = tl.load(a_ptr + offs_k, mask=mask_k, other=0.0)
-    b = tl.load(b_ptr + offs_b, mask=mask_b, other=0.0)
-    x = tl.where(mask, x.to(tl.float32) * scale - m[None, :], float("-inf"))  # (see _prototype_sum_kernel)
-    q = tl.exp2(x) * a[None, :] * (b * n_samples_total)[:, None]
-    tl.store(out_ptr + offs_b[:, None].to(tl.int64) * stride_out + offs_k[None, :], q, mask=mask)
+    u = tl.load(u_ptr + offs_k, mask=mask_k, other=0.0)
+    v = tl.load(v_ptr + offs_b, mask=mask_b, other=0.0)
+    z = tl.where(mask, x.to(tl.float32) * scale + u[None, :] + (v + log2_B)[:, None], float("-inf"))
+    tl.store(out_ptr + offs_b[:, None].to(tl.int64) * stride_out + offs_k[None, :], tl.exp2(z), mask=mask)
 
 
 @torch.no_grad()
 def sinkhorn_knopp_triton(teacher_logits, teacher_temp, n_iterations=3, n_samples_total=None):
     """Same contract as sinkhorn_knopp_reference; teacher_logits may be fp32, fp16 or bf16."""
+    if n_iterations < 1:
+        raise ValueError(f"sinkhorn_knopp: n_iterations must be at least 1, got {n_iterations}")
     t = teacher_logits if teacher_logits.stride(-1) == 1 else teacher_logits.contiguous()
     B, K = t.shape
     world_size = dist.get_world_size() if _distributed() else 1
-    n_samples_total = float(B * world_size if n_samples_total is None else n_samples_total)
-    scale = LOG2E / teacher_temp
+    n_samples_total = B * world_size if n_samples_total is None else n_samples_total
+    scale, log2_K, log2_B = LOG2E / teacher_temp, math.log2(K), math.log2(n_samples_total)
     f32 = dict(device=t.device, dtype=torch.float32)
-    prototype_max, prototype_sum = torch.empty(K, **f32), torch.empty(K, **f32)
-    b = torch.ones(B, **f32)
+    prototype_max, prototype_sum, u = torch.empty(K, **f32), torch.empty(K, **f32), torch.empty(K, **f32)
+    v = torch.zeros(B, **f32)  # the first row normalisation sees Q as exp(t / temp) itself
     BLOCK_B, BLOCK_K = 32, 128
-    grid_k = (triton.cdiv(K, BLOCK_K),)
-
-    _prototype_max_sum_kernel[grid_k](t, prototype_max, prototype_sum, B, K, t.stride(0), scale,
-                                      BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, num_warps=4)
-    if _distributed():  # sums taken against the local maximum are rescaled to the global one
-        local_max = prototype_max.clone()
-        dist.all_reduce(prototype_max, op=dist.ReduceOp.MAX)
-        prototype_sum *= torch.exp2(local_max - prototype_max)
-    for it in range(n_iterations):
-        if it > 0:
-            _prototype_sum_kernel[grid_k](t, prototype_max, a, b, prototype_sum, B, K, t.stride(0), scale,
-                                          BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, num_warps=4)
-        if _distributed():
+    for _ in range(n_iterations):
+        _prototype_pass_kernel[(triton.cdiv(K, BLOCK_K),)](t, v, prototype_max, prototype_sum, u, B, K, t.stride(0),
+                                                           scale, log2_K, BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, num_warps=4)
+        if _distributed():  # each rank's sums are against its own maxima: rescale to the global ones
+            local_max = prototype_max.clone()
+            dist.all_reduce(prototype_max, op=dist.ReduceOp.MAX)
+            prototype_sum *= torch.exp2(local_max - prototype_max)
             dist.all_reduce(prototype_sum)
-        # rows sum to 1/K. In the first iteration a is implicitly 1 (Q's total cancels here).
-        a = (1.0 / K) / prototype_sum if it == 0 else a / prototype_sum / K
-        _sample_normalize_kernel[(B,)](t, prototype_max, a, b, K, t.stride(0), scale, n_samples_total,
-                                       BLOCK_K=2048, num_warps=8)
+            u = -(prototype_max + torch.log2(prototype_sum) + log2_K)
+        _sample_pass_kernel[(B,)](t, u, v, K, t.stride(0), scale, log2_B, BLOCK_K=4096, num_warps=8)
     out = torch.empty(B, K, **f32)
     _write_kernel[(triton.cdiv(B, BLOCK_B), triton.cdiv(K, BLOCK_K))](
-        t, prototype_max, a, b, out, B, K, t.stride(0), out.stride(0), scale, n_samples_total,
-        BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, num_warps=4)
+        t, u, v, out, B, K, t.stride(0), out.stride(0), scale, log2_B, BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, num_warps=4)
     return out
