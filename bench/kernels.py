@@ -182,6 +182,15 @@ def copy_bandwidth(device):
     return 2 * x.numel() * 4 / (time_ms(lambda: y.copy_(x), device) * 1e-3)
 
 
+def warm_up(device, seconds=1.0):
+    """Clocks ramp up under load: without this the first rows of the table come out slow."""
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        a @ a
+        torch.cuda.synchronize()
+
+
 def print_table(rows):
     header = ("kernel", "case", "impl", "ms", "speed-up over (baseline time / this time)", "rate", "% peak")
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
@@ -197,6 +206,7 @@ if __name__ == "__main__":
         print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, "
               f"peaks: {peak_flops and peak_flops / 1e12} TFLOP/s bf16 dense, {peak_bw and peak_bw / 1e9} GB/s; "
               f"measured copy {copy_bandwidth(device) / 1e9:.0f} GB/s")
+        warm_up(device)
     else:
         print(f"device: cpu (smoke: PyTorch references only), torch {torch.__version__}")
     rows, failed = [], []
