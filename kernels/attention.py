@@ -15,7 +15,6 @@ Inputs may be strided (e.g. q, k, v sliced out of one qkv projection) as long as
 contiguous. The output is laid out (B, N, H, Dh) in memory and returned as a (B, H, N, Dh) view, so
 that the usual `.transpose(1, 2).reshape(B, N, H * Dh)` that follows costs nothing.
 """
-import math
 import os
 
 import torch
