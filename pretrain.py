@@ -1,0 +1,985 @@
+"""
+Self-supervised pretraining of a ViT as in DINOv2 (DINO + iBOT + KoLeo), with the two radiology
+recipes nanorad reproduces: OmniRad (global crops only) and RAD-DINO (multi-crop, continued from
+released DINOv2 weights).
+
+    python pretrain.py                                    # phantoms, ViT-tiny/8, a few minutes on a CPU
+    python pretrain.py config/medmnist_tiny.py            # real MedMNIST + chest X-ray images
+    torchrun --standalone --nproc_per_node=8 pretrain.py config/omnirad_vits14.py --train_data="('/data/radimagenet',)"
+    torchrun --standalone --nproc_per_node=8 pretrain.py config/raddino_vitb14.py --init_from=dinov2_vitb14_pretrain.pth
+
+A student ViT sees every crop of an image (its global crops partly masked); the teacher, an
+exponential moving average of the student, sees the unmasked global crops. Both carry a DINO head
+that maps features to K prototype scores. The student learns to predict the teacher's
+(Sinkhorn-Knopp or centred) assignment of the *other* global crop from each crop's CLS token (DINO),
+the teacher's assignment of each masked patch from the student's patch token (iBOT), while KoLeo
+spreads the student's CLS features over the sphere.
+
+Continual pretraining (`init_from=`): the heads start random while the backbone is good, and random
+heads send large meaningless gradients into it (dinov2 #204: k-NN 80 % -> 10 %). So by default the
+heads train alone for `head_warmup_iters` before the backbone unfreezes with its own lr warm-up, a
+k-NN guard rail keeps the best checkpoint and stops when the score falls `rollback_drop` below it,
+and each evaluation prints how far the backbone has drifted from where it started.
+
+Outputs under out_dir: ckpt.safetensors (latest, everything needed to resume exactly; JSON beside),
+best.safetensors (best k-NN score), teacher_backbone.safetensors (nanorad format, for the other
+scripts), hf/ (HuggingFace Dinov2 folder), dino_head.safetensors (DINOv2 head format, for the next
+continual run's `init_head_from=`), log.jsonl and results.json.
+"""
+import copy
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import kernels
+from data import (ArrayImageDataset, DinoAugmentation, ImageFolderDataset, MaskingGenerator, PhantomDataset,
+                  center_crop, collate_dino_batch, load_medmnist, normalize, resize)
+from model import (DINOHead, ViT, ViTConfig, export_hf, load_backbone, load_dino_head, load_state_strict,
+                   save_backbone, save_json_atomic, save_safetensors_atomic, vit_config)
+from probe import knn_predict
+
+# -----------------------------------------------------------------------------
+# default config: ViT-tiny/8 at 64 px on the procedural phantoms, a few minutes on a 2-core CPU
+# I/O
+out_dir = "out/pretrain"
+init_from = ""            # backbone to continue from: DINOv2 .pth, HF Dinov2 / timm / nanorad safetensors, or a
+                          # pretrain.py checkpoint (its teacher). "" = random init
+init_head_from = ""       # a DINOv2-format DINO head (RAD-DINO's dino_head.safetensors, or ours); "" = fresh heads
+resume = False            # continue exactly from out_dir/ckpt.safetensors
+ckpt_every = 100          # iterations between checkpoints (one more at the end)
+log_interval = 10
+# data
+train_data = ()           # sources: MedMNIST .npz (train split), a CSV index with a split column
+                          # (train rows), or a folder of images. () = procedural phantoms
+n_phantoms = 2000
+phantom_size_px = 64
+num_workers = 0           # DataLoader processes making the crops (0 = in the training process)
+seed = 0
+# model
+model_size = "tiny"       # tiny small base large giant (random init; init_from reads the size from the file)
+depth = 0                 # > 0: override the size's number of blocks (smaller CPU runs and tests)
+patch_size = 8
+n_registers = 0
+drop_path_rate = 0.1      # stochastic depth of the student (OmniRad 0.3)
+layerscale_init = 1e-5
+head_n_prototypes = 1024  # K of the DINO head (DINOv2 65536, OmniRad 131072)
+head_hidden_dim = 512     # (DINOv2 2048)
+head_bottleneck_dim = 128  # (DINOv2 256)
+head_nlayers = 3
+ibot_separate_head = False  # DINOv2 shares the DINO head for iBOT by default
+ibot_head_n_prototypes = 1024  # separate iBOT head only
+# crops and masks
+global_crops_size = 64    # px (DINOv2 224, RAD-DINO 518)
+local_crops_size = 32     # px (DINOv2 96, RAD-DINO 196)
+global_crops_only = False  # True: OmniRad (2 global crops, no local crops)
+n_local_crops = 8         # RAD-DINO / DINOv2: 8 local crops (ignored when global_crops_only)
+global_crops_scale = (0.32, 1.0)
+local_crops_scale = (0.05, 0.32)
+mask_probability = 0.5    # fraction of global crops that get iBOT masks
+mask_ratio_min_max = (0.1, 0.5)
+# losses
+dino_loss_weight = 1.0
+ibot_loss_weight = 1.0
+koleo_loss_weight = 0.1
+centering = "sinkhorn_knopp"  # "sinkhorn_knopp" (DINOv2 ViT-L/g recipes) or "centering" (softmax centering)
+student_temp = 0.1
+center_momentum = 0.9     # softmax centering only
+# optimisation (AdamW; every schedule is a per-iteration array indexed by the global step)
+batch_size = 32           # images per process; each image gives 2 global (+ local) crops
+max_iters = 300
+base_lr = 0.004           # for a global batch of 1024: lr = base_lr * sqrt(global batch / 1024) (DINOv2)
+min_lr = 1e-6
+warmup_iters = 30         # linear lr warm-up (of the backbone, after the head warm-up)
+weight_decay = 0.04       # cosine from weight_decay to weight_decay_end
+weight_decay_end = 0.4    # (OmniRad 0.2)
+layerwise_decay = 0.9     # block i's lr *= layerwise_decay ** (depth - i); embeddings the most decayed
+patch_embed_lr_mult = 0.2
+clip_grad = 3.0           # per module (backbone, each head), as DINOv2
+adamw_betas = (0.9, 0.999)
+freeze_last_layer_iters = 30  # the prototypes stay fixed at first: DINO's stability trick (DINOv2: 1 epoch)
+momentum_teacher = 0.992  # cosine to final_momentum_teacher (OmniRad 0.994 -> 1)
+final_momentum_teacher = 1.0
+warmup_teacher_temp = 0.04  # linear to teacher_temp over teacher_temp_warmup_iters, then constant;
+teacher_temp = 0.07         # a hotter teacher early on makes training collapse (DINO)
+teacher_temp_warmup_iters = 100
+# continual pretraining safeguards
+head_warmup_iters = None  # iterations with frozen backbones, training only the heads. None: max_iters // 10
+                          # when init_from is given without init_head_from, else 0
+eval_data = "phantom"     # labelled set for the k-NN monitor: "phantom", a MedMNIST .npz (train split = memory
+                          # bank, val split = queries) or a CSV index (with eval_label_column); "" = none
+eval_label_column = "label"  # CSV eval_data only
+eval_every = 50           # iterations between k-NN evaluations (0 = never)
+eval_max_images = 2000    # per split, for the k-NN memory bank and queries
+knn_k = 20
+rollback_drop = None      # stop when the k-NN accuracy falls this far below its best (e.g. 0.05), pointing at
+                          # best.safetensors. None: 0.05 when init_from is given, else off
+# system
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype on CUDA; CPU runs fp32
+compile = False           # torch.compile the backbones
+# -----------------------------------------------------------------------------
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed helpers (every function also works without torch.distributed: world size 1)
+# ----------------------------------------------------------------------------------------------
+
+def distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size():
+    return dist.get_world_size() if distributed() else 1
+
+
+def rank():
+    return dist.get_rank() if distributed() else 0
+
+
+def all_reduce_sum(x):
+    if distributed():
+        dist.all_reduce(x)
+    return x
+
+
+def average_gradients(params):
+    """Data parallelism: every rank ends with the mean of all ranks' gradients. One flat all-reduce
+    instead of DDP's hooks, because the backbone runs twice per step (global and local crops) and
+    is frozen (no gradients at all) during the head warm-up, two things DDP's reducer dislikes."""
+    if not distributed():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def gather_rows_keep_local_grad(x):
+    """All ranks' rows of x (B, D) concatenated in rank order; only this rank's rows carry gradient."""
+    if not distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[rank()] = x
+    return torch.cat(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses, exactly as DINOv2 (dinov2/loss/*.py; pinned by ../shared/oracles/dinov2_losses.safetensors)
+# ----------------------------------------------------------------------------------------------
+
+def dino_loss(student_logits_chunks, teacher_probs_chunks, student_temp=0.1):
+    """DINOLoss.forward: sum over every (student chunk, teacher chunk) pair of the batch-mean
+    cross-entropy -sum_k t_k log softmax(s / student_temp)_k. Chunks are crops (B, K) each."""
+    total = 0.0
+    for s in student_logits_chunks:
+        log_probs = F.log_softmax(s.float() / student_temp, dim=-1)
+        for t in teacher_probs_chunks:
+            total = total - (t * log_probs).sum(dim=-1).mean()
+    return total
+
+
+def ibot_loss(student_masked_logits, teacher_masked_probs, masks, student_temp=0.1):
+    """iBOTPatchLoss.forward_masked: cross-entropy per masked patch, weighted 1/#masked of its crop
+    (so every masked crop counts once whatever its mask size), summed and divided by the number of
+    crops. Rows are the masked patches in masks.flatten() order; masks: bool (n_crops, N)."""
+    per_patch = (teacher_masked_probs * F.log_softmax(student_masked_logits.float() / student_temp, dim=-1)).sum(-1)
+    n_masked = masks.sum(dim=-1)
+    weights = (1.0 / n_masked.clamp(min=1).float()).repeat_interleave(n_masked)
+    return -(per_patch * weights).sum() / masks.shape[0]
+
+
+def koleo_loss(x, eps=1e-8):
+    """KoLeoLoss: -mean log distance of each L2-normalised row to its nearest other row (the
+    Kozachenko-Leonenko entropy estimator), spreading the features over the sphere."""
+    x = F.normalize(x.float(), p=2, dim=-1, eps=eps)
+    with torch.no_grad():
+        dots = x @ x.t()
+        dots.fill_diagonal_(-1)
+        nearest = dots.argmax(dim=1)
+    distances = (x - x[nearest] + eps).norm(dim=-1)  # nn.PairwiseDistance adds eps to the difference
+    return -torch.log(distances + eps).mean()
+
+
+def koleo_loss_across_ranks(x):
+    """KoLeo over the global batch. Every rank computes the same value, but only its own rows carry
+    gradient and the gradient all-reduce averages over ranks: scaling the gradient (not the value)
+    by the world size makes the averaged gradient the full one. (DINOv2 uses each GPU's batch alone;
+    the global batch makes a run independent of how many GPUs it is split over.)"""
+    loss = koleo_loss(gather_rows_keep_local_grad(x))
+    n = world_size()
+    return loss if n == 1 else loss * n - loss.detach() * (n - 1)
+
+
+def teacher_targets(logits, temp, method, center, n_total, momentum=0.9):
+    """Teacher probabilities (B, K) fp32 from teacher head logits, across all ranks. Sinkhorn-Knopp
+    (3 iterations) spreads each batch evenly over the prototypes; softmax centering subtracts a
+    running mean of the logits (with the centre of steps < s) and then moves the centre."""
+    if method == "sinkhorn_knopp":
+        return kernels.sinkhorn_knopp(logits, temp, n_iterations=3, n_samples_total=n_total)
+    probs, logits_sum = kernels.softmax_center(logits, center, temp)
+    kernels.update_center(center, logits_sum, n_total, momentum)
+    return probs
+
+
+# ----------------------------------------------------------------------------------------------
+# Student and teacher
+# ----------------------------------------------------------------------------------------------
+
+def build_heads(embed_dim, n_prototypes, hidden_dim, bottleneck_dim, nlayers, separate_ibot, ibot_n_prototypes):
+    heads = {"dino_head": DINOHead(embed_dim, n_prototypes, hidden_dim, bottleneck_dim, nlayers)}
+    if separate_ibot:
+        heads["ibot_head"] = DINOHead(embed_dim, ibot_n_prototypes, hidden_dim, bottleneck_dim, nlayers)
+    return heads
+
+
+def make_teacher(student):
+    """The teacher starts as an exact copy of the student and never gets gradients."""
+    teacher = copy.deepcopy(student)
+    for p in teacher.parameters():
+        p.requires_grad = False
+    return teacher.eval()
+
+
+def head_shape(head):
+    """DINOHead constructor arguments read back from its weights."""
+    linears = [m for m in head.mlp if isinstance(m, nn.Linear)]
+    return dict(in_dim=linears[0].in_features, out_dim=head.last_layer.weight_v.shape[0],
+                hidden_dim=linears[0].out_features if len(linears) > 1 else 0,
+                bottleneck_dim=head.last_layer.weight_v.shape[1], nlayers=len(linears))
+
+
+def load_init_backbone(path, **config_overrides):
+    """A backbone to continue from: a pretrain.py checkpoint (its teacher, the better network) or
+    anything model.load_backbone reads (official DINOv2 .pth, HF Dinov2, timm, nanorad)."""
+    if str(path).endswith(".safetensors") and Path(path).is_file():
+        with safe_open(str(path), "pt") as f:
+            meta = (f.metadata() or {}).get("nanorad_pretrain")
+        if meta is not None:
+            backbone = ViT(ViTConfig(**{**json.loads(meta)["model"]["vit"], **config_overrides}))
+            state = load_file(str(path))
+            prefix = "teacher.backbone."
+            load_state_strict(backbone, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+                              str(path))
+            print(f"init_from: {path}: teacher backbone of a pretrain.py checkpoint (step {json.loads(meta)['step']})")
+            return backbone
+    return load_backbone(path, **config_overrides)
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer: DINOv2's parameter groups and schedules
+# ----------------------------------------------------------------------------------------------
+
+def backbone_layer_id(name, depth):
+    """DINOv2's layer index for layer-wise lr decay: embeddings 0, block i -> i + 1, the rest (final
+    norm, registers) depth + 1."""
+    if name.startswith(("pos_embed", "patch_embed", "mask_token", "cls_token")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def param_groups(student, layerwise_decay, patch_embed_lr_mult):
+    """AdamW groups keyed by (schedule, lr multiplier, wd multiplier), as DINOv2's
+    get_params_groups_with_decay + fuse_params_groups. Schedules: "backbone_lr" for the backbone,
+    "last_layer_lr" for the heads' prototype layers (frozen at first), "lr" for the other head layers.
+    Biases, norms and LayerScale gammas get no weight decay."""
+    depth = len(student["backbone"].blocks)
+    groups = {}
+    for part, module in student.items():
+        for name, p in module.named_parameters():
+            if not p.requires_grad:  # the heads' weight_g stays at 1, as in DINOv2
+                continue
+            lr_mult = 1.0
+            if part == "backbone":
+                lr_mult = layerwise_decay ** (depth + 1 - backbone_layer_id(name, depth))
+                if "patch_embed" in name:
+                    lr_mult *= patch_embed_lr_mult
+                schedule = "backbone_lr"
+            else:
+                schedule = "last_layer_lr" if "last_layer" in name else "lr"
+            wd_mult = 0.0 if (name.endswith(".bias") or "norm" in name or "gamma" in name) else 1.0
+            key = (schedule, lr_mult, wd_mult)
+            group = groups.setdefault(key, {"params": [], "names": [], "schedule": schedule,
+                                            "lr_multiplier": lr_mult, "wd_multiplier": wd_mult})
+            group["params"].append(p)
+            group["names"].append(f"{part}.{name}")
+    return list(groups.values())
+
+
+def build_optimizer(student, layerwise_decay, patch_embed_lr_mult, betas, use_foreach):
+    return torch.optim.AdamW(param_groups(student, layerwise_decay, patch_embed_lr_mult), lr=0.0, betas=betas,
+                             foreach=use_foreach)
+
+
+def cosine_schedule(base_value, final_value, total_iters, warmup_iters=0, start_warmup_value=0.0, frozen_iters=0):
+    """DINOv2's CosineScheduler as one array: `frozen_iters` zeros, a linear warm-up from
+    start_warmup_value to base_value, then a half cosine from base_value to final_value."""
+    frozen_iters = min(frozen_iters, total_iters)
+    warmup_iters = min(warmup_iters, total_iters - frozen_iters)
+    n = total_iters - frozen_iters - warmup_iters
+    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * np.arange(n) / max(n, 1)))
+    return np.concatenate([np.zeros(frozen_iters), np.linspace(start_warmup_value, base_value, warmup_iters), cosine])
+
+
+def build_schedules(max_iters, lr, min_lr, warmup_iters, weight_decay, weight_decay_end, momentum_teacher,
+                    final_momentum_teacher, warmup_teacher_temp, teacher_temp, teacher_temp_warmup_iters,
+                    freeze_last_layer_iters, head_warmup_iters):
+    """Per-iteration arrays. The heads follow the usual warm-up + cosine from step 0; the backbone's
+    lr is zero during the head warm-up and then gets its own warm-up, so unfreezing is gentle."""
+    head_lr = cosine_schedule(lr, min_lr, max_iters, warmup_iters)
+    last_layer_lr = head_lr.copy()
+    last_layer_lr[:freeze_last_layer_iters] = 0.0
+    return {
+        "lr": head_lr,
+        "last_layer_lr": last_layer_lr,
+        "backbone_lr": cosine_schedule(lr, min_lr, max_iters, warmup_iters, frozen_iters=head_warmup_iters),
+        "wd": cosine_schedule(weight_decay, weight_decay_end, max_iters),
+        "momentum": cosine_schedule(momentum_teacher, final_momentum_teacher, max_iters),
+        "teacher_temp": cosine_schedule(teacher_temp, teacher_temp, max_iters, teacher_temp_warmup_iters,
+                                        start_warmup_value=warmup_teacher_temp),
+    }
+
+
+def apply_schedules(optimizer, values):
+    for group in optimizer.param_groups:
+        group["lr"] = values[group["schedule"]] * group["lr_multiplier"]
+        group["weight_decay"] = values["wd"] * group["wd_multiplier"]
+
+
+# ----------------------------------------------------------------------------------------------
+# One training step
+# ----------------------------------------------------------------------------------------------
+
+def ssl_losses(student, teacher, batch, teacher_temp, centers, *, centering="sinkhorn_knopp", student_temp=0.1,
+               center_momentum=0.9, dino_loss_weight=1.0, ibot_loss_weight=1.0, koleo_loss_weight=0.1,
+               freeze_backbone=False, autocast=nullcontext):
+    """Forward both networks on a batch (collate_dino_batch layout: global crops crop-major) and
+    return the loss terms as DINOv2's SSLMetaArch.forward_backward weighs them, plus monitors."""
+    global_crops, local_crops, masks = batch["global_crops"], batch["local_crops"], batch["masks"]
+    B = global_crops.shape[0] // 2
+    n_local = 0 if local_crops is None else local_crops.shape[0] // B
+    mask_indices = masks.flatten().nonzero().flatten()
+    n_masked_total = int(all_reduce_sum(torch.tensor(float(len(mask_indices)), device=masks.device)).item())
+    do_ibot = ibot_loss_weight > 0 and n_masked_total > 0
+    separate = "ibot_head" in student
+
+    with torch.no_grad():
+        with autocast():
+            out = teacher["backbone"].forward_features(global_crops)
+            cls = out["x_norm_clstoken"].chunk(2)
+            cls = torch.cat([cls[1], cls[0]])  # swapped: the student's crop A is matched to the teacher's crop B
+            patches = out["x_norm_patchtokens"].flatten(0, 1)[mask_indices]
+            if separate:
+                t_cls_logits = teacher["dino_head"](cls)
+                t_patch_logits = teacher["ibot_head"](patches) if do_ibot else None
+            else:
+                t_logits = teacher["dino_head"](torch.cat([cls, patches]) if do_ibot else cls)
+                t_cls_logits, t_patch_logits = t_logits[:2 * B], t_logits[2 * B:]
+        dino_targets = teacher_targets(t_cls_logits.float(), teacher_temp, centering, centers["dino"],
+                                       2 * B * world_size(), center_momentum)
+        ibot_targets = None
+        if do_ibot:
+            ibot_targets = teacher_targets(t_patch_logits.float(), teacher_temp, centering, centers["ibot"],
+                                           n_masked_total, center_momentum)
+
+    backbone_grad = torch.no_grad() if freeze_backbone else nullcontext()
+    with autocast():
+        with backbone_grad:
+            s_global = student["backbone"].forward_features(global_crops, masks=masks)
+            s_local = student["backbone"].forward_features(local_crops) if n_local else None
+        head_inputs = [s_global["x_norm_clstoken"]]
+        if n_local:
+            head_inputs.append(s_local["x_norm_clstoken"])
+        s_patches = s_global["x_norm_patchtokens"].flatten(0, 1)[mask_indices] if do_ibot else None
+        if do_ibot and not separate:
+            head_inputs.append(s_patches)
+        # one head call for every token type, as DINOv2's block-diagonal batching
+        s_logits = student["dino_head"](torch.cat(head_inputs)).float()
+        s_global_logits = s_logits[:2 * B]
+        s_local_logits = s_logits[2 * B:2 * B + n_local * B]
+        if do_ibot:
+            s_patch_logits = (student["ibot_head"](s_patches).float() if separate
+                              else s_logits[2 * B + n_local * B:])
+
+    # DINOv2 divides by the number of (student, teacher) crop pairs; max(., 1) is its own choice and
+    # makes the global-only loss 2/3 of the pair mean, kept so that the weights match DINOv2's.
+    n_terms = 2 + max(2 * n_local, 1)
+    losses = {}
+    if n_local:
+        losses["dino_local"] = dino_loss_weight * dino_loss(s_local_logits.chunk(n_local), dino_targets.chunk(2),
+                                                            student_temp) / n_terms
+    losses["dino_global"] = dino_loss_weight * dino_loss([s_global_logits], [dino_targets], student_temp) * 2 / n_terms
+    if koleo_loss_weight > 0:  # per global crop: never between two crops of the same image
+        losses["koleo"] = koleo_loss_weight * sum(koleo_loss_across_ranks(c)
+                                                  for c in s_global["x_norm_clstoken"].chunk(2))
+    if do_ibot:
+        losses["ibot"] = ibot_loss_weight * ibot_loss(s_patch_logits, ibot_targets, masks, student_temp)
+    losses["total"] = sum(losses.values())
+
+    with torch.no_grad():  # collapse monitors: ~1 healthy, -> 0 collapsed
+        feats = F.normalize(out["x_norm_clstoken"].float(), dim=-1)
+        monitors = {
+            "feat_std": float(feats.std(dim=0).mean() * math.sqrt(feats.shape[1])),
+            "teacher_entropy": float(-(dino_targets * dino_targets.clamp_min(1e-12).log()).sum(-1).mean()
+                                     / math.log(dino_targets.shape[1])),
+        }
+    return losses, monitors
+
+
+def train_step(student, teacher, optimizer, batch, values, centers, clip_grad=3.0, freeze_backbone=False,
+               **loss_kwargs):
+    """Schedules -> losses -> backward -> gradient all-reduce -> per-module clipping -> AdamW -> EMA.
+    Returns (losses as floats averaged over ranks, monitors). A non-finite loss skips the update
+    (the caller stops the run)."""
+    apply_schedules(optimizer, values)
+    optimizer.zero_grad(set_to_none=True)
+    losses, monitors = ssl_losses(student, teacher, batch, values["teacher_temp"], centers,
+                                  freeze_backbone=freeze_backbone, **loss_kwargs)
+    names = list(losses)
+    reduced = all_reduce_sum(torch.stack([losses[k].detach().float() for k in names])) / world_size()
+    reduced = dict(zip(names, reduced.tolist()))
+    if not math.isfinite(reduced["total"]):
+        return reduced, monitors
+    losses["total"].backward()
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    average_gradients(trainable)
+    for part in student.values():
+        params = [p for p in part.parameters() if p.grad is not None]
+        if params and clip_grad:
+            torch.nn.utils.clip_grad_norm_(params, clip_grad)
+    optimizer.step()
+    with torch.no_grad():  # frozen backbones are left alone: m * x + (1 - m) * x is not always x in floats
+        parts = [k for k in student if not (freeze_backbone and k == "backbone")]
+        kernels.ema_([p for k in parts for p in teacher[k].parameters()],
+                     [p for k in parts for p in student[k].parameters()], values["momentum"])
+    return reduced, monitors
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: a pure function of (seed, step), so a resumed run sees exactly the batches it would have seen
+# ----------------------------------------------------------------------------------------------
+
+def open_images(source, split, n_phantoms=2000, phantom_size_px=64, label_column=None):
+    """Images in [0, 1] from one source: "phantom", a MedMNIST .npz, a CSV index or a folder.
+    Items {"image"} (and {"label"} when label_column is given for a CSV, always for npz/phantoms)."""
+    if source == "phantom":
+        n = n_phantoms if split == "train" else max(n_phantoms // 4, 64)
+        return PhantomDataset(n, img_size=phantom_size_px, seed=0, split=split)
+    path = Path(source)
+    if path.suffix == ".npz":
+        return ArrayImageDataset(*load_medmnist(str(path), split))
+    if path.suffix == ".csv":
+        return ImageFolderDataset(path, split=split, label_column=label_column)
+    if path.is_dir():
+        return ImageFolderDataset(path)
+    raise FileNotFoundError(f"data source '{source}': expected 'phantom', a MedMNIST .npz, a CSV index with a "
+                            f"split column, or a folder of images")
+
+
+def item_seed(seed, *position):
+    return int(np.random.SeedSequence([seed, *position]).generate_state(1)[0])
+
+
+class MultiCropDataset(torch.utils.data.Dataset):
+    """Key (image index, crop seed, batch seed) -> DINOv2 crops of that image drawn with that seed."""
+
+    def __init__(self, images, **augmentation):
+        self.images, self.augmentation = images, augmentation
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key):
+        index, crop_seed, batch_seed = key
+        generator = torch.Generator().manual_seed(crop_seed)
+        crops = DinoAugmentation(**self.augmentation, generator=generator)(self.images[index]["image"])
+        return {**crops, "batch_seed": batch_seed}
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """For each step from start_step: this rank's slice of the global batch. The sample stream is
+    one random permutation of the dataset per epoch (seeded), read in order, batch_size * world
+    samples per step, rank r taking the r-th slice; so batches depend on (seed, step) only."""
+
+    def __init__(self, n_images, batch_size, seed, start_step, max_iters, rank=0, world_size=1):
+        self.n, self.batch_size, self.seed = n_images, batch_size, seed
+        self.start_step, self.max_iters, self.rank, self.world = start_step, max_iters, rank, world_size
+        self._epoch, self._perm = None, None
+
+    def __len__(self):
+        return max(self.max_iters - self.start_step, 0)
+
+    def index(self, position):
+        epoch = position // self.n
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(item_seed(self.seed, epoch)))
+        return int(self._perm[position % self.n])
+
+    def __iter__(self):
+        for step in range(self.start_step, self.max_iters):
+            first = (step * self.world + self.rank) * self.batch_size
+            batch_seed = item_seed(self.seed, step, self.rank, 1)
+            yield [(self.index(p), item_seed(self.seed, p, 0), batch_seed) for p in range(first, first + self.batch_size)]
+
+
+class MaskedCollate:
+    """collate_dino_batch with the iBOT masks drawn from the batch's own seed."""
+
+    def __init__(self, grid_size, mask_probability, mask_ratio_min_max):
+        self.grid_size, self.mask_probability, self.mask_ratio_min_max = grid_size, mask_probability, mask_ratio_min_max
+
+    def __call__(self, samples):
+        generator = torch.Generator().manual_seed(samples[0]["batch_seed"])
+        mask_generator = MaskingGenerator(self.grid_size, self.grid_size)  # at most half the patches, as DINOv2
+        return collate_dino_batch(samples, self.grid_size ** 2, mask_generator, tuple(self.mask_ratio_min_max),
+                                  self.mask_probability, generator=generator)
+
+
+def batch_to(batch, device):
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: one safetensors file written atomically (temp file + rename), its JSON state in the
+# file's metadata (so the two can never disagree) and copied beside it for people to read
+# ----------------------------------------------------------------------------------------------
+
+def rng_states():
+    """This process's random states: torch CPU (and CUDA) generators, numpy, python."""
+    numpy_state = np.random.get_state()
+    state = {"torch_cpu": torch.get_rng_state(), "numpy_keys": torch.from_numpy(numpy_state[1].astype(np.int64)),
+             "numpy": [numpy_state[0], int(numpy_state[2]), int(numpy_state[3]), float(numpy_state[4])],
+             "python": json.loads(json.dumps(random.getstate()))}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["torch_cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_states(state):
+    torch.set_rng_state(state["torch_cpu"])
+    if "torch_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["torch_cuda"])
+    name, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def checkpoint_tensors(student, teacher, optimizer, centers):
+    tensors = {}
+    for prefix, net in (("student", student), ("teacher", teacher)):
+        for part, module in net.items():
+            tensors.update({f"{prefix}.{part}.{k}": v for k, v in module.state_dict().items()})
+    names = {p: n for group in optimizer.param_groups for p, n in zip(group["params"], group["names"])}
+    for p, state in optimizer.state.items():
+        tensors.update({f"optim.{names[p]}.{k}": v for k, v in state.items()})  # AdamW: step, exp_avg, exp_avg_sq
+    tensors.update({f"center.{k}": v for k, v in centers.items()})
+    return tensors
+
+
+def save_checkpoint(path, student, teacher, optimizer, centers, state):
+    """Called on every rank (the RNG states of all ranks are gathered); rank 0 writes."""
+    rngs = [rng_states()]
+    if distributed():
+        rngs = [None] * world_size()
+        dist.all_gather_object(rngs, {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in rng_states().items()})
+    if rank() != 0:
+        return
+    tensors = checkpoint_tensors(student, teacher, optimizer, centers)
+    state = {**state, "rng": []}
+    for r, rng in enumerate(rngs):
+        state["rng"].append({k: v for k, v in rng.items() if not torch.is_tensor(v)})
+        tensors.update({f"rng.{r}.{k}": v for k, v in rng.items() if torch.is_tensor(v)})
+    save_safetensors_atomic(tensors, path, {"nanorad_pretrain": json.dumps(state)})
+    save_json_atomic({k: v for k, v in state.items() if k != "rng"}, str(path) + ".json")
+
+
+def read_checkpoint_state(path):
+    with safe_open(str(path), "pt") as f:
+        meta = (f.metadata() or {}).get("nanorad_pretrain")
+    if meta is None:
+        raise ValueError(f"{path}: not a pretrain.py checkpoint (no 'nanorad_pretrain' metadata)")
+    return json.loads(meta)
+
+
+def load_checkpoint(path, student, teacher, optimizer, centers):
+    """Restore everything save_checkpoint wrote, strictly; returns the JSON state."""
+    state = read_checkpoint_state(path)
+    tensors = load_file(str(path))
+    for prefix, net in (("student", student), ("teacher", teacher)):
+        for part, module in net.items():
+            head = f"{prefix}.{part}."
+            load_state_strict(module, {k[len(head):]: v for k, v in tensors.items() if k.startswith(head)},
+                              f"{path} [{prefix}.{part}]")
+    extra = sorted({k.split(".")[1] for k in tensors if k.startswith(("student.", "teacher."))} - set(student))
+    if extra:
+        raise KeyError(f"{path}: checkpoint has modules {extra} that this config does not build "
+                       f"(ibot_separate_head differs?)")
+    for group in optimizer.param_groups:
+        for p, name in zip(group["params"], group["names"]):
+            head = f"optim.{name}."
+            saved = {k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}
+            if saved:
+                optimizer.state[p] = {k: (v if k == "step" else v.to(p.device)) for k, v in saved.items()}
+    for k, center in centers.items():
+        center.copy_(tensors[f"center.{k}"])
+    saved_rng = state.get("rng", [])
+    if len(saved_rng) == world_size():
+        set_rng_states({**saved_rng[rank()], **{k.split(".", 2)[2]: v for k, v in tensors.items()
+                                                if k.startswith(f"rng.{rank()}.")}})
+    else:
+        print(f"resume: {path} was written by {len(saved_rng)} processes, this run has {world_size()}: "
+              f"random states are not restored (the run continues, but not bit-exactly)")
+    return state
+
+
+def export_teacher(teacher, out_dir):
+    """What downstream scripts load: the teacher backbone (nanorad and HF Dinov2 formats) and the
+    DINO head in DINOv2's format (the next continual run's init_head_from=)."""
+    out_dir = Path(out_dir)
+    save_backbone(teacher["backbone"], out_dir / "teacher_backbone.safetensors")
+    export_hf(teacher["backbone"], out_dir / "hf")
+    save_safetensors_atomic(teacher["dino_head"].state_dict(), out_dir / "dino_head.safetensors")
+
+
+# ----------------------------------------------------------------------------------------------
+# Monitoring: k-NN accuracy of the teacher's CLS features, the guard rail, and backbone drift
+# ----------------------------------------------------------------------------------------------
+
+def eval_tensors(dataset, img_size, max_images, seed=0):
+    """Up to max_images (a fixed random subset) as normalised (N,3,S,S) images and (N,) labels."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:max_images].tolist()
+    images, labels = [], []
+    for i in sorted(order):
+        item = dataset[i]
+        img = item["image"]
+        img = resize(center_crop(img, min(img.shape[-2:])), img_size)
+        images.append(normalize(img))
+        labels.append(int(item["label"]))
+    return torch.stack(images), torch.tensor(labels)
+
+
+@torch.no_grad()
+def backbone_features(backbone, images, device, autocast=nullcontext, batch_size=256):
+    was_training = backbone.training
+    backbone.eval()
+    feats = []
+    for i in range(0, len(images), batch_size):
+        with autocast():
+            feats.append(backbone(images[i:i + batch_size].to(device)).float().cpu())
+    backbone.train(was_training)
+    return torch.cat(feats)
+
+
+def knn_accuracy(backbone, bank, query, n_classes, k, device, autocast=nullcontext):
+    """Top-1 accuracy of DINO's weighted k-NN (probe.knn_predict) on the queries, memory bank = train split."""
+    bank_feats = backbone_features(backbone, bank[0], device, autocast)
+    query_feats = backbone_features(backbone, query[0], device, autocast)
+    probs = knn_predict(bank_feats, bank[1], query_feats, n_classes, k=k, temperature=0.07)
+    return float((probs.argmax(1) == query[1]).float().mean())
+
+
+class GuardRail:
+    """Tracks the best k-NN score. update() says whether this score is a new best (save it) and
+    whether it fell more than rollback_drop below the best (stop)."""
+
+    def __init__(self, rollback_drop=0.0, best_score=-math.inf, best_step=-1):
+        self.rollback_drop, self.best_score, self.best_step = rollback_drop, best_score, best_step
+
+    def update(self, step, score):
+        is_best = score > self.best_score
+        if is_best:
+            self.best_score, self.best_step = score, step
+        stop = bool(self.rollback_drop) and score < self.best_score - self.rollback_drop
+        return is_best, stop
+
+    def state(self):
+        return {"rollback_drop": self.rollback_drop, "best_score": self.best_score, "best_step": self.best_step}
+
+
+def evaluate_and_guard(step, evaluate, guard, save_best):
+    """One evaluation: score it, save the best checkpoint, decide whether to stop. Returns (score, stop)."""
+    score = evaluate()
+    is_best, stop = guard.update(step, score)
+    if is_best:
+        save_best()
+    return score, stop
+
+
+def linear_cka(x, y):
+    """Linear centred kernel alignment of two feature sets (N, D): 1 = the same up to rotation and scale."""
+    x, y = x - x.mean(0), y - y.mean(0)
+    return float((y.t() @ x).norm() ** 2 / ((x.t() @ x).norm() * (y.t() @ y).norm()))
+
+
+@torch.no_grad()
+def drift_report(backbone, initial_state, initial_feats, images, device, autocast=nullcontext):
+    """How far the backbone moved from where the run started: relative L2 distance of the weights
+    per block (and of the embeddings), cosine of the CLS features of a fixed batch, linear CKA."""
+    groups = {}
+    for name, p in backbone.state_dict().items():
+        group = ".".join(name.split(".")[:2]) if name.startswith("blocks.") else (
+            "embed" if name.startswith(("pos_embed", "patch_embed", "cls_token", "mask_token", "register_tokens"))
+            else "norm")
+        diff, ref = groups.get(group, (0.0, 0.0))
+        w0 = initial_state[name].float()
+        groups[group] = (diff + float((p.detach().float().cpu() - w0).pow(2).sum()), ref + float(w0.pow(2).sum()))
+    rel = {g: math.sqrt(d) / max(math.sqrt(r), 1e-12) for g, (d, r) in groups.items()}
+    feats = backbone_features(backbone, images, device, autocast)
+    cos = float(F.cosine_similarity(feats, initial_feats, dim=-1).mean())
+    return {"rel_l2": rel, "feature_cos": cos, "cka": linear_cka(feats.double(), initial_feats.double())}
+
+
+def format_drift(drift):
+    blocks = [v for k, v in sorted((kv for kv in drift["rel_l2"].items() if kv[0].startswith("blocks.")),
+                                   key=lambda kv: int(kv[0].split(".")[1]))]
+    return (f"drift: rel-L2 embed {drift['rel_l2'].get('embed', 0):.3f} blocks "
+            + " ".join(f"{v:.3f}" for v in blocks)
+            + f" norm {drift['rel_l2'].get('norm', 0):.3f} | CLS cos {drift['feature_cos']:.3f} CKA {drift['cka']:.3f}")
+
+
+def format_seconds(s):
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    from config import configure
+    config = configure(globals())
+
+    # -------------------------------------------------------------------- checks, before any work
+    if centering not in ("sinkhorn_knopp", "centering"):
+        raise ValueError(f"centering: expected 'sinkhorn_knopp' or 'centering', found {centering!r}")
+    for key, value in (("global_crops_size", global_crops_size), ("local_crops_size", local_crops_size)):
+        if value % patch_size:
+            raise ValueError(f"{key}={value}: expected a multiple of the patch size {patch_size}")
+    if len(mask_ratio_min_max) != 2 or not 0 <= mask_ratio_min_max[0] <= mask_ratio_min_max[1] <= 1:
+        raise ValueError(f"mask_ratio_min_max: expected (min, max) in [0, 1], found {mask_ratio_min_max}")
+    if batch_size < 2 and koleo_loss_weight > 0:
+        raise ValueError(f"batch_size={batch_size}: KoLeo needs at least 2 images per batch (or koleo_loss_weight=0)")
+    if resume and not (Path(out_dir) / "ckpt.safetensors").is_file():
+        raise FileNotFoundError(f"resume=True but {Path(out_dir) / 'ckpt.safetensors'} does not exist")
+    for path in [init_from, init_head_from] + [s for s in train_data if s != "phantom"]:
+        if path and not Path(path).exists():
+            raise FileNotFoundError(f"{path} not found (from init_from / init_head_from / train_data)")
+    n_local = 0 if global_crops_only else n_local_crops
+    if head_warmup_iters is None:  # continual pretraining is safe by default
+        head_warmup_iters = max_iters // 10 if (init_from and not init_head_from) else 0
+    if rollback_drop is None:
+        rollback_drop = 0.05 if init_from else 0.0
+
+    # -------------------------------------------------------------------- processes and devices
+    ddp = int(os.environ.get("RANK", -1)) != -1  # started by torchrun
+    if ddp:
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    master = rank() == 0
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+        autocast = lambda: torch.autocast("cuda", dtype=amp_dtype, enabled=amp_dtype != torch.float32)
+    else:
+        autocast = nullcontext  # CPU runs fp32: exact and reproducible
+    out = Path(out_dir)
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+    global_batch = batch_size * world_size()
+    lr = base_lr * math.sqrt(global_batch / 1024)
+
+    # -------------------------------------------------------------------- data
+    sources = list(train_data) or ["phantom"]
+    train_images = torch.utils.data.ConcatDataset([open_images(s, "train", n_phantoms, phantom_size_px) for s in sources])
+    crops = MultiCropDataset(train_images, global_crops_size=global_crops_size, local_crops_size=local_crops_size,
+                             n_local_crops=n_local, global_crops_scale=tuple(global_crops_scale),
+                             local_crops_scale=tuple(local_crops_scale))
+    eval_sets = None
+    if eval_data and eval_every > 0:
+        label_column = eval_label_column if str(eval_data).endswith(".csv") else None
+        bank_set = open_images(eval_data, "train", n_phantoms, phantom_size_px, label_column)
+        query_set = open_images(eval_data, "val", n_phantoms, phantom_size_px, label_column)
+        bank, query = (eval_tensors(d, global_crops_size, eval_max_images) for d in (bank_set, query_set))
+        n_classes = int(max(bank[1].max(), query[1].max())) + 1
+        eval_sets = (bank, query, n_classes)
+    if master:
+        print(f"data: {len(train_images)} training images from {', '.join(sources)}; {global_batch} images "
+              f"x (2 global + {n_local} local crops) per step on {world_size()} process(es)"
+              + (f"; k-NN monitor on {eval_data}: {len(bank[1])} bank / {len(query[1])} queries" if eval_sets else ""))
+
+    # -------------------------------------------------------------------- model
+    torch.manual_seed(seed)  # identical initial weights on every rank
+    if init_from:
+        backbone = load_init_backbone(init_from, drop_path_rate=drop_path_rate)
+    else:
+        overrides = dict(patch_size=patch_size, img_size=global_crops_size, n_registers=n_registers,
+                         drop_path_rate=drop_path_rate, layerscale_init=layerscale_init)
+        if depth > 0:
+            overrides["depth"] = depth
+        backbone = ViT(vit_config(model_size, **overrides))
+    heads = build_heads(backbone.embed_dim, head_n_prototypes, head_hidden_dim, head_bottleneck_dim, head_nlayers,
+                        ibot_separate_head, ibot_head_n_prototypes)
+    if init_head_from:
+        heads["dino_head"] = load_dino_head(init_head_from)
+        if head_shape(heads["dino_head"])["in_dim"] != backbone.embed_dim:
+            raise ValueError(f"init_head_from={init_head_from}: head input {head_shape(heads['dino_head'])['in_dim']}, "
+                             f"expected the backbone's embed_dim {backbone.embed_dim}")
+    student = nn.ModuleDict({"backbone": backbone, **heads}).to(device)
+    teacher = make_teacher(student)
+    initial_backbone = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
+    centers = {"dino": torch.zeros(1, heads["dino_head"].last_layer.weight_v.shape[0], device=device),
+               "ibot": torch.zeros(1, heads.get("ibot_head", heads["dino_head"]).last_layer.weight_v.shape[0],
+                                   device=device)}
+    optimizer = build_optimizer(student, layerwise_decay, patch_embed_lr_mult, tuple(adamw_betas),
+                                use_foreach=device_type == "cuda")
+    schedules = build_schedules(max_iters, lr, min_lr, warmup_iters, weight_decay, weight_decay_end, momentum_teacher,
+                                final_momentum_teacher, warmup_teacher_temp, teacher_temp, teacher_temp_warmup_iters,
+                                freeze_last_layer_iters, head_warmup_iters)
+    model_info = {"vit": asdict(backbone.config), "heads": {k: head_shape(h) for k, h in heads.items()}}
+    torch.manual_seed(seed + rank())  # drop-path differs between ranks, as in DINOv2
+    guard = GuardRail(rollback_drop)
+    history, start_step = [], 0
+    if resume:
+        state = load_checkpoint(out / "ckpt.safetensors", student, teacher, optimizer, centers)
+        start_step, history = state["step"], state["history"]
+        guard = GuardRail(rollback_drop, state["guard"]["best_score"], state["guard"]["best_step"])
+        changed = {k: (state["config"].get(k), v) for k, v in config.items()
+                   if k not in ("resume", "log_interval", "num_workers") and state["config"].get(k) != v}
+        if master:
+            print(f"resumed from {out / 'ckpt.safetensors'} at step {start_step}"
+                  + (f"; config changed since: {changed}" if changed else ""))
+    if compile:
+        for net in (student, teacher):
+            net["backbone"].compile()
+    n_params = sum(p.numel() for p in backbone.parameters())
+    if master:
+        c = backbone.config
+        print(f"model: ViT D={c.embed_dim} depth={c.depth} patch={c.patch_size} ({n_params / 1e6:.1f}M params), "
+              f"DINO head K={centers['dino'].shape[1]}{' + iBOT head' if 'ibot_head' in heads else ''}; lr {lr:.2e} "
+              f"(base {base_lr} x sqrt({global_batch}/1024)); head warm-up {head_warmup_iters} it; "
+              f"{centering}; device {device} {dtype if device_type == 'cuda' else 'float32'}")
+
+    loader = torch.utils.data.DataLoader(
+        crops, batch_sampler=StepBatchSampler(len(train_images), batch_size, seed, start_step, max_iters, rank(),
+                                              world_size()),
+        collate_fn=MaskedCollate(global_crops_size // backbone.patch_size, mask_probability, mask_ratio_min_max),
+        num_workers=num_workers, pin_memory=device_type == "cuda", persistent_workers=False,
+        prefetch_factor=4 if num_workers else None)
+    loss_kwargs = dict(centering=centering, student_temp=student_temp, center_momentum=center_momentum,
+                       dino_loss_weight=dino_loss_weight, ibot_loss_weight=ibot_loss_weight,
+                       koleo_loss_weight=koleo_loss_weight, autocast=autocast)
+
+    def checkpoint_state(step):
+        return {"step": step, "samples_seen": step * global_batch, "config": config, "model": model_info,
+                "guard": guard.state(), "history": history, "world_size": world_size()}
+
+    if eval_sets:
+        drift_images = eval_sets[1][0][:256]
+        initial_feats = backbone_features(teacher["backbone"], drift_images, device, autocast)
+
+    def run_eval(step):
+        """k-NN score + drift, logged; saves best.safetensors; True when the guard rail says stop."""
+        bank, query, n_classes = eval_sets
+        score, stop = evaluate_and_guard(
+            step, lambda: knn_accuracy(teacher["backbone"], bank, query, n_classes, knn_k, device, autocast), guard,
+            lambda: save_checkpoint(out / "best.safetensors", student, teacher, optimizer, centers, checkpoint_state(step)))
+        drift = drift_report(teacher["backbone"], initial_backbone, initial_feats, drift_images, device, autocast)
+        history.append({"step": step, "knn_acc": score, "feature_cos": drift["feature_cos"], "cka": drift["cka"]})
+        if master:
+            print(f"eval step {step}: k-NN acc {score:.4f} (best {guard.best_score:.4f} at step {guard.best_step}) | "
+                  + format_drift(drift))
+        return stop
+
+    # -------------------------------------------------------------------- training
+    log_path = out / "log.jsonl"
+    last_ckpt_step = start_step if resume else None
+    stopped = None
+    if eval_sets and start_step == 0 and run_eval(0):
+        stopped = "rollback"
+    t0 = time.time()
+    t_last, done_last, first_losses, losses = t0, start_step, None, None
+    data_iter = iter(loader)
+    for step in range(start_step, max_iters):
+        if stopped:
+            break
+        batch = batch_to(next(data_iter), device)
+        values = {k: float(v[step]) for k, v in schedules.items()}
+        losses, monitors = train_step(student, teacher, optimizer, batch, values, centers, clip_grad,
+                                      freeze_backbone=step < head_warmup_iters, **loss_kwargs)
+        if not math.isfinite(losses["total"]):
+            where = (f"the last good checkpoint is {out / 'ckpt.safetensors'} (step {last_ckpt_step}), left untouched"
+                     if last_ckpt_step is not None else "no checkpoint was written yet")
+            raise SystemExit(f"step {step}: the loss is not finite ({', '.join(f'{k} {v:.4g}' for k, v in losses.items())}); "
+                             f"stopping. {where}. Try a lower base_lr, a longer warmup_iters, clip_grad, or "
+                             f"dtype='float32'.")
+        first_losses = first_losses or losses
+        done = step + 1
+        if master and (done % log_interval == 0 or done == max_iters or step == start_step):
+            speed = global_batch * (done - done_last) / max(time.time() - t_last, 1e-9)
+            t_last, done_last = time.time(), done
+            eta = (time.time() - t0) / (done - start_step) * (max_iters - done)
+            terms = " ".join(f"{k} {v:.3f}" for k, v in losses.items() if k != "total")
+            frozen = " [heads only]" if step < head_warmup_iters else ""
+            print(f"step {done}/{max_iters} | loss {losses['total']:.4f} ({terms}) | lr {values['lr']:.2e} "
+                  f"bb_lr {values['backbone_lr']:.2e} wd {values['wd']:.3f} mom {values['momentum']:.4f} "
+                  f"t_temp {values['teacher_temp']:.3f} | feat_std {monitors['feat_std']:.3f} "
+                  f"t_entropy {monitors['teacher_entropy']:.3f} | {speed:.0f} img/s | ETA {format_seconds(eta)}{frozen}",
+                  flush=True)
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": done, **losses, **values, **monitors, "img_per_s": speed}) + "\n")
+        if eval_sets and (done % eval_every == 0 or done == max_iters) and run_eval(done):
+            stopped = "rollback"
+        if done % ckpt_every == 0 or done == max_iters or stopped:
+            save_checkpoint(out / "ckpt.safetensors", student, teacher, optimizer, centers, checkpoint_state(done))
+            last_ckpt_step = done
+
+    # -------------------------------------------------------------------- results
+    elapsed = time.time() - t0
+    if master:
+        if stopped == "rollback":
+            print(f"GUARD RAIL: k-NN accuracy fell more than {rollback_drop} below its best "
+                  f"{guard.best_score:.4f} (step {guard.best_step}); stopped. The best state is "
+                  f"{out / 'best.safetensors'}: continue from it with init_from= and init_head_from= set to that "
+                  f"file and a lower base_lr or a longer head_warmup_iters.")
+        else:
+            export_teacher(teacher, out)
+        results = {"config": config, "steps_done": last_ckpt_step, "seconds": elapsed,
+                   "first_losses": first_losses, "last_losses": losses, "knn_history": history,
+                   "guard": guard.state(), "stopped": stopped,
+                   "exports": None if stopped else {"backbone": str(out / "teacher_backbone.safetensors"),
+                                                    "hf": str(out / "hf"), "dino_head": str(out / "dino_head.safetensors")}}
+        save_json_atomic(results, out / "results.json")
+        print(f"done in {format_seconds(elapsed)}: loss {first_losses['total'] if first_losses else float('nan'):.4f} "
+              f"-> {losses['total'] if losses else float('nan'):.4f}; outputs in {out}")
+    if ddp:
+        dist.destroy_process_group()
+    if stopped == "rollback":
+        raise SystemExit(3)
