@@ -4,7 +4,16 @@ frozen backbone, or LoRA; MedMNIST 2D sets, image-folder/CSV sets or the procedu
 The metrics at the top are hand-written (numpy) and shared with probe.py; they follow the
 scikit-learn definitions that the papers' numbers were computed with.
 """
+import json
+import math
+import os
+import time
+from pathlib import Path
+
 import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------
 # Metrics: numpy or torch inputs, float results
@@ -26,20 +35,24 @@ def accuracy(y_true, y_pred):
     return float((y_true == y_pred).mean())
 
 
-def macro_f1(y_true, y_pred, n_classes):
-    """Unweighted mean over all n_classes of F1 = 2TP / (2TP + FP + FN). A class that is neither
-    present nor predicted scores 0, as sklearn's f1_score(labels=range(n_classes), average="macro",
-    zero_division=0)."""
+def f1_per_class(y_true, y_pred, n_classes):
+    """F1 = 2TP / (2TP + FP + FN) of each class; 0 for a class neither present nor predicted."""
     y_true, y_pred = as_numpy(y_true).astype(np.int64), as_numpy(y_pred).astype(np.int64)
     if y_true.shape != y_pred.shape or y_true.ndim != 1:
-        raise ValueError(f"macro_f1: expected two equal 1-D label arrays, got {y_true.shape} and {y_pred.shape}")
-    f1 = []
+        raise ValueError(f"f1_per_class: expected two equal 1-D label arrays, got {y_true.shape} and {y_pred.shape}")
+    f1 = np.zeros(n_classes)
     for c in range(n_classes):
         tp = np.sum((y_pred == c) & (y_true == c))
         fp = np.sum((y_pred == c) & (y_true != c))
         fn = np.sum((y_pred != c) & (y_true == c))
-        f1.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    return float(np.mean(f1))
+        f1[c] = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+    return f1
+
+
+def macro_f1(y_true, y_pred, n_classes):
+    """Unweighted mean of f1_per_class over all n_classes, as sklearn's
+    f1_score(labels=range(n_classes), average="macro", zero_division=0)."""
+    return float(f1_per_class(y_true, y_pred, n_classes).mean())
 
 
 def average_ranks(x):
@@ -114,3 +127,470 @@ def roc_auc_per_class(y_true_multi, scores):
         n_pos = int((y_true_multi[:, c] == 1).sum())
         out.append(roc_auc(y_true_multi[:, c], scores[:, c]) if 0 < n_pos < len(y_true_multi) else np.nan)
     return np.array(out)
+
+
+
+def classification_metrics(labels, probs, multi_label):
+    """Test/val metrics in [0, 1] as MedMNIST and OmniRad report them.
+    single-label: ACC of the argmax, macro-F1, AUC (binary: on P(class 1); else one-vs-rest macro).
+    multi-label (ChestMNIST): threshold 0.5; ACC = label-wise accuracy (MedMNIST's getACC), F1 = mean
+    over labels of the positive-class F1, AUC = mean per-label AUC, AUPRC per label and its mean."""
+    labels, probs = as_numpy(labels), as_numpy(probs).astype(np.float64)
+    if multi_label:
+        pred = (probs >= 0.5).astype(np.int64)
+        return {"acc": accuracy(labels.ravel(), pred.ravel()),
+                "f1": float(np.mean([f1_per_class(labels[:, c], pred[:, c], 2)[1] for c in range(labels.shape[1])])),
+                "auc": float(np.nanmean(roc_auc_per_class(labels, probs))),
+                "auprc": float(np.nanmean(auprc_per_class(labels, probs))),
+                "auprc_per_class": auprc_per_class(labels, probs).tolist()}
+    n_classes = probs.shape[1]
+    pred = probs.argmax(1)
+    auc = roc_auc(labels, probs[:, 1]) if n_classes == 2 else roc_auc_ovr(labels, probs)
+    return {"acc": accuracy(labels, pred), "f1": macro_f1(labels, pred, n_classes), "auc": auc}
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA (Hu et al. 2021) on the attention and MLP linears of every block
+# ----------------------------------------------------------------------------------------------
+
+# qkv/proj of the attention, fc1/fc2 of the GELU MLP, w12/w3 of the SwiGLU MLP (ViT-g)
+LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "mlp.w12", "mlp.w3")
+
+
+class LoRALinear(nn.Module):
+    """y = W x + b + (alpha / r) B A x with W and b frozen. A starts random (kaiming-uniform, as the
+    LoRA reference code) and B at zero, so training starts from exactly the base model."""
+
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        self.scaling = alpha / rank
+
+    def forward(self, x):
+        return self.base(x) + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scaling
+
+    def merged(self):
+        """A plain nn.Linear with the low-rank update folded into its weight."""
+        base = self.base
+        linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
+        linear = linear.to(base.weight.device, base.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(base.weight + self.scaling * (self.lora_b @ self.lora_a))
+            if base.bias is not None:
+                linear.bias.copy_(base.bias)
+        return linear
+
+
+def add_lora(vit, rank, alpha):
+    """Freeze the whole ViT and wrap the LORA_TARGETS linears of every block in LoRALinear, in
+    place. Returns the new (trainable) LoRA parameters."""
+    vit.requires_grad_(False)
+    targets = [name for name, m in vit.blocks.named_modules()
+               if isinstance(m, nn.Linear) and name.split(".", 1)[-1] in LORA_TARGETS]
+    if not targets:
+        raise ValueError(f"add_lora: no linear layer named {LORA_TARGETS} in the ViT blocks")
+    for name in targets:
+        parent_name, child = name.rsplit(".", 1)
+        parent = vit.blocks.get_submodule(parent_name)
+        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha))
+    return [p for name, p in vit.named_parameters() if ".lora_" in name]
+
+
+def merge_lora(vit):
+    """Replace every LoRALinear by its merged nn.Linear, in place: the result is a plain ViT whose
+    state dict has the official key names again (save_backbone / load_backbone read it)."""
+    for name, module in list(vit.named_modules()):
+        if isinstance(module, LoRALinear):
+            parent_name, child = name.rsplit(".", 1)
+            setattr(vit.get_submodule(parent_name), child, module.merged())
+    return vit
+
+
+# ----------------------------------------------------------------------------------------------
+# Classifier: backbone + head, and what trains in each mode
+# ----------------------------------------------------------------------------------------------
+
+MODES = ("full", "head", "lora")
+HEADS = ("linear", "mlp")
+HEAD_FEATURES = ("cls", "cls+mean")
+
+
+class Classifier(nn.Module):
+    """A ViT and a head on its normalised CLS token, or on CLS concatenated with the mean patch
+    token (DINOv2's linear-evaluation feature). The head is linear, or a 2-layer GELU MLP."""
+
+    def __init__(self, backbone, n_outputs, head="linear", head_features="cls", mlp_hidden_dim=512):
+        super().__init__()
+        if head not in HEADS or head_features not in HEAD_FEATURES:
+            raise ValueError(f"Classifier: head must be one of {HEADS} and head_features one of "
+                             f"{HEAD_FEATURES}, got {head!r} and {head_features!r}")
+        self.backbone, self.head_features = backbone, head_features
+        in_dim = backbone.embed_dim * (2 if head_features == "cls+mean" else 1)
+        if head == "linear":
+            self.head = nn.Linear(in_dim, n_outputs)
+        else:
+            self.head = nn.Sequential(nn.Linear(in_dim, mlp_hidden_dim), nn.GELU(), nn.Linear(mlp_hidden_dim, n_outputs))
+        for m in self.head.modules():
+            if isinstance(m, nn.Linear):  # DINOv2's linear-eval init: small weights, zero bias
+                nn.init.normal_(m.weight, std=0.01)
+                nn.init.zeros_(m.bias)
+
+    def features(self, x):
+        out = self.backbone.forward_features(x)
+        if self.head_features == "cls+mean":
+            return torch.cat([out["x_norm_clstoken"], out["x_norm_patchtokens"].mean(dim=1)], dim=-1)
+        return out["x_norm_clstoken"]
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def setup_mode(model, mode, lora_rank=8, lora_alpha=16.0):
+    """Make `model` train as `mode` says and return the parameters to optimise.
+    full: everything; head: the head only (backbone frozen); lora: the head and LoRA adapters."""
+    if mode == "full":
+        return [p for p in model.parameters() if p.requires_grad]
+    if mode == "head":
+        model.backbone.requires_grad_(False)
+        return list(model.head.parameters())
+    if mode == "lora":
+        return add_lora(model.backbone, lora_rank, lora_alpha) + list(model.head.parameters())
+    raise ValueError(f"mode {mode!r}: expected one of {MODES}")
+
+
+def set_train_mode(model, mode):
+    """model.train(), except that a frozen backbone stays in eval mode (no stochastic depth)."""
+    model.train()
+    if mode == "head":
+        model.backbone.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimisation
+# ----------------------------------------------------------------------------------------------
+
+
+def lr_at(step, total_steps, warmup_steps, base_lr, min_lr=0.0):
+    """Linear warm-up from 0 over warmup_steps, then half a cosine down to min_lr."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(params, lr, weight_decay):
+    """AdamW; as usual for ViTs, no weight decay on biases, norms, tokens and LayerScale (1-D)."""
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+
+
+def class_weights(labels, n_classes, multi_label):
+    """single-label: n / (C * count_c) ("balanced"); multi-label: BCE pos_weight = negatives / positives.
+    A class absent from the training labels gets weight 1."""
+    labels = as_numpy(labels)
+    if multi_label:
+        pos = labels.sum(0).astype(np.float64)
+        w = np.where(pos > 0, (len(labels) - pos) / np.maximum(pos, 1), 1.0)
+    else:
+        counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+        w = np.where(counts > 0, len(labels) / (n_classes * np.maximum(counts, 1)), 1.0)
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def classification_loss(logits, labels, multi_label, weights=None):
+    """Cross-entropy (optionally class-weighted); BCE with logits per label for multi-label sets."""
+    if multi_label:
+        return F.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=weights)
+    return F.cross_entropy(logits, labels, weight=weights)
+
+
+def train_step(model, optimizer, images, labels, multi_label, weights=None, grad_clip=1.0, autocast_dtype=None):
+    """One AdamW step on one batch; returns the loss."""
+    with torch.autocast(images.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        logits = model(images)
+    loss = classification_loss(logits.float(), labels, multi_label, weights)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    return loss.item()
+
+
+@torch.no_grad()
+def predict(model, loader, multi_label, device, autocast_dtype=None):
+    """(labels, probabilities) over a loader, as numpy: softmax, or sigmoid per label."""
+    was_training = model.training
+    model.eval()
+    all_labels, all_probs = [], []
+    for images, labels in loader:
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(images.to(device)).float()
+        all_probs.append((logits.sigmoid() if multi_label else logits.softmax(-1)).cpu())
+        all_labels.append(labels)
+    model.train(was_training)
+    return torch.cat(all_labels).numpy(), torch.cat(all_probs).numpy()
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: every source gives (train, val, test) datasets of {"image": normalised (3,S,S), "label"}
+# ----------------------------------------------------------------------------------------------
+
+DATASETS = ("phantom", "medmnist", "csv")
+
+
+def load_splits(dataset, data_path, img_size, train_transform, eval_transform, csv_label="covid_vs_other",
+                n_phantom=(512, 128, 256), phantom_px=64):
+    """{"train", "val", "test"} datasets, and the task: (n_classes, multi_label, class names).
+    phantom: data.PhantomDataset (4 classes); medmnist: an official .npz (path, or a name looked up
+    in ~/.medmnist) with its official splits; csv: an index with image and split columns, labelled by
+    a column name or "covid_vs_other" (data.covid_vs_other)."""
+    import data
+    if dataset == "phantom":
+        splits = {split: data.PhantomDataset(n, img_size=phantom_px, split=split,
+                                             transform=train_transform if split == "train" else eval_transform)
+                  for split, n in zip(("train", "val", "test"), n_phantom)}
+        return splits, (len(data.PHANTOM_CLASSES), False, list(data.PHANTOM_CLASSES))
+    if dataset == "medmnist":
+        arrays = {split: data.load_medmnist(data_path, split) for split in ("train", "val", "test")}
+        splits = {split: data.ArrayImageDataset(images, labels, train_transform if split == "train" else eval_transform)
+                  for split, (images, labels) in arrays.items()}
+        name = Path(str(data_path)).stem.split("_")[0]
+        labels = arrays["train"][1]
+        if name in data.MEDMNIST:
+            info = data.MEDMNIST[name]
+            return splits, (info.n_classes, info.multi_label, list(info.labels))
+        multi_label = labels.ndim == 2
+        n_classes = labels.shape[1] if multi_label else int(max(a[1].max() for a in arrays.values())) + 1
+        return splits, (n_classes, multi_label, [str(c) for c in range(n_classes)])
+    if dataset == "csv":
+        if csv_label == "covid_vs_other":
+            kwargs, classes = dict(label_fn=data.covid_vs_other), ["other", "COVID-19"]
+        else:
+            kwargs, classes = dict(label_column=csv_label), None
+        splits = {split: data.ImageFolderDataset(data_path, split=split,
+                                                 transform=train_transform if split == "train" else eval_transform,
+                                                 **kwargs) for split in ("train", "val", "test")}
+        classes = classes or splits["train"].classes
+        return splits, (len(classes), False, classes)
+    raise ValueError(f"dataset {dataset!r}: expected one of {DATASETS}")
+
+
+def collate(items):
+    images = torch.stack([item["image"] for item in items])
+    labels = torch.stack([torch.as_tensor(item["label"]) for item in items])
+    return images, labels
+
+
+def dataset_labels(ds):
+    """All labels of a dataset: its `labels` attribute when it has one (MedMNIST, CSV), else by
+    reading every item (phantoms)."""
+    if getattr(ds, "labels", None) is not None:
+        return np.asarray(ds.labels)
+    return np.array([np.asarray(ds[i]["label"]) for i in range(len(ds))])
+
+
+def format_row(runs):
+    """OmniRad table row: "ACC mean ± std | F1 mean ± std | AUC mean ± std" in %, std over seeds
+    (population std, numpy's default)."""
+    cells = []
+    for key in ("acc", "f1", "auc"):
+        values = 100 * np.array([r[key] for r in runs])
+        cells.append(f"{key.upper()} {values.mean():.2f} ± {values.std():.2f}")
+    return " | ".join(cells)
+
+
+def format_duration(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# ----------------------------------------------------------------------------------------------
+# Config. The defaults are a quick run on the procedural phantoms (a random-init ViT-tiny/8 at 64 px,
+# ~2 min on 2 CPU cores). The OmniRad recipe (224 px, 40 epochs, lr 1e-5, 10 warm-up epochs,
+# batch 128) is config/cls_omnirad.py.
+# ----------------------------------------------------------------------------------------------
+# data
+dataset = "phantom"              # "phantom" (data.PhantomDataset, no files), "medmnist" or "csv"
+data_path = ""                   # medmnist: official .npz path (or name in ~/.medmnist); csv: index with a split column
+csv_label = "covid_vs_other"     # csv: a label column, or "covid_vs_other" (COVID-19 vs other findings)
+n_phantom_train = 512            # phantom split sizes
+n_phantom_val = 128
+n_phantom_test = 256
+phantom_px = 64                  # phantoms are drawn at this size, then resized to img_size
+img_size = 64                    # network input px (OmniRad: 224; MedMNIST 28 px images are upsampled)
+crop_scale_min = 0.5             # random resized crop keeps 50-100% of the area
+hflip_p = 0.5
+rotation_deg = 10.0
+# model
+init_from = ""                   # backbone file for model.load_backbone (nanorad/DINOv2/HF/timm); "" = random init
+vit_size = "tiny"                # random init only: tiny small base large giant
+patch_size = 8                   # random init only
+depth = None                     # random init only: fewer blocks than the size's own (None = as the size)
+drop_path_rate = 0.0
+mode = "full"                    # "full", "head" (frozen backbone) or "lora"
+head = "linear"                  # "linear" or "mlp"
+head_features = "cls"            # "cls" or "cls+mean"
+lora_rank = 8                    # OmniRad Table 8: r=8, alpha=16 and r=16, alpha=32
+lora_alpha = 16.0
+# optimisation (OmniRad §3.2: AdamW, wd 0.01, linear warm-up then cosine, grad clip 1.0, CE)
+epochs = 6
+batch_size = 64
+lr = 1e-3                        # OmniRad fine-tunes pretrained weights at 1e-5; random init needs more
+min_lr = 0.0
+weight_decay = 0.01
+warmup_epochs = 1.0
+grad_clip = 1.0
+class_weighted = False           # inverse-frequency CE weights (BCE pos_weight for multi-label)
+seeds = (0,)                     # --seeds=0,1,2 runs repeats and prints mean ± std
+# system
+device = "auto"                  # "auto", "cpu", "cuda"
+amp = True                       # bfloat16 autocast on CUDA (ignored on CPU)
+num_workers = 0
+log_every = 10                   # steps between progress lines
+export = True                    # save the selected model: backbone (LoRA merged) + head, per seed
+out_dir = "out/finetune_cls"
+
+if __name__ == "__main__":
+    from config import configure
+    config = configure(globals())
+    import data
+    import model as vit_model
+
+    # ---- checks, before anything slow
+    if mode not in MODES:
+        raise ValueError(f"--mode={mode!r}: expected one of {MODES}")
+    if head not in HEADS or head_features not in HEAD_FEATURES:
+        raise ValueError(f"--head={head!r} / --head_features={head_features!r}: expected {HEADS} / {HEAD_FEATURES}")
+    if dataset not in DATASETS:
+        raise ValueError(f"--dataset={dataset!r}: expected one of {DATASETS}")
+    if dataset != "phantom" and not data_path:
+        raise ValueError(f"--dataset={dataset} needs --data_path (an official MedMNIST .npz, or a CSV index)")
+    if dataset == "csv" and not Path(data_path).is_file():
+        raise FileNotFoundError(f"--data_path={data_path}: CSV index not found")
+    if init_from and not Path(init_from).exists():
+        raise FileNotFoundError(f"--init_from={init_from}: backbone file not found")
+    if mode == "lora" and (lora_rank < 1 or lora_alpha <= 0):
+        raise ValueError(f"LoRA needs --lora_rank >= 1 and --lora_alpha > 0, got {lora_rank} and {lora_alpha}")
+    if epochs < 1 or batch_size < 1 or not 0 <= warmup_epochs <= epochs:
+        raise ValueError(f"need epochs >= 1, batch_size >= 1, 0 <= warmup_epochs <= epochs; got "
+                         f"{epochs}, {batch_size}, {warmup_epochs}")
+    if not seeds or not all(isinstance(s, int) for s in seeds):
+        raise ValueError(f"--seeds={seeds!r}: expected integers, e.g. --seeds=0,1,2")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device=cuda but torch sees no CUDA device")
+    dev = torch.device(device)
+    autocast_dtype = torch.bfloat16 if amp and dev.type == "cuda" else None
+    if init_from:
+        # the checkpoint fixes the architecture; read it once to check the patch size before training
+        vit_config = vit_model.load_backbone(init_from, verbose=False).config
+    else:
+        overrides = dict(patch_size=patch_size, img_size=img_size) | ({"depth": depth} if depth else {})
+        vit_config = vit_model.vit_config(vit_size, **overrides)
+    if img_size % vit_config.patch_size:
+        raise ValueError(f"--img_size={img_size} is not a multiple of the backbone's patch size {vit_config.patch_size}")
+
+    # ---- data
+    train_tf = data.ClassificationTransform(img_size, train=True, scale=(crop_scale_min, 1.0),
+                                            hflip_p=hflip_p, rotation_deg=rotation_deg)
+    eval_tf = data.ClassificationTransform(img_size, train=False)
+    splits, (n_classes, multi_label, class_names) = load_splits(
+        dataset, data_path, img_size, train_tf, eval_tf, csv_label,
+        (n_phantom_train, n_phantom_val, n_phantom_test), phantom_px)
+    task = "multi-label" if multi_label else f"{n_classes}-class"
+    print(f"data: {dataset} {data_path} ({task}: {', '.join(class_names)}), "
+          f"train/val/test {len(splits['train'])}/{len(splits['val'])}/{len(splits['test'])}, {img_size} px")
+    weights = class_weights(dataset_labels(splits["train"]), n_classes, multi_label).to(dev) if class_weighted else None
+    eval_loaders = {split: torch.utils.data.DataLoader(splits[split], batch_size=2 * batch_size, shuffle=False,
+                                                       num_workers=num_workers, collate_fn=collate,
+                                                       persistent_workers=num_workers > 0)
+                    for split in ("val", "test")}
+    steps_per_epoch = math.ceil(len(splits["train"]) / batch_size)
+    total_steps, warmup_steps = epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
+    os.makedirs(out_dir, exist_ok=True)
+
+    runs = []
+    t_start = time.time()
+    for seed in seeds:
+        # ---- model
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        if init_from:
+            backbone = vit_model.load_backbone(init_from, drop_path_rate=drop_path_rate)
+        else:
+            backbone = vit_model.ViT(vit_model.ViTConfig(**{**vit_config.__dict__, "drop_path_rate": drop_path_rate}))
+            print(f"backbone: RANDOM INIT (no --init_from): ViT-{vit_size}/{vit_config.patch_size}, "
+                  f"depth {vit_config.depth}, {img_size} px")
+        model = Classifier(backbone, n_classes, head, head_features)
+        params = setup_mode(model, mode, lora_rank, lora_alpha)
+        model.to(dev)
+        optimizer = make_optimizer(params, lr, weight_decay)
+        n_train = sum(p.numel() for p in params)
+        print(f"seed {seed}: mode {mode}" + (f" (LoRA r={lora_rank}, alpha={lora_alpha})" if mode == "lora" else "")
+              + f", {n_train:,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters")
+
+        # ---- training, selecting the epoch with the best val macro-F1
+        train_loader = torch.utils.data.DataLoader(
+            splits["train"], batch_size=batch_size, shuffle=True, drop_last=False, num_workers=num_workers,
+            collate_fn=collate, generator=torch.Generator().manual_seed(seed), persistent_workers=num_workers > 0)
+        best = {"f1": -1.0}
+        step, t_seed, seen = 0, time.time(), 0
+        for epoch in range(epochs):
+            set_train_mode(model, mode)
+            t_log = time.time()
+            for images, labels in train_loader:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, total_steps, warmup_steps, lr, min_lr)
+                loss = train_step(model, optimizer, images.to(dev, non_blocking=True), labels.to(dev), multi_label,
+                                  weights, grad_clip, autocast_dtype)
+                step += 1
+                seen += len(images)
+                if step % log_every == 0 or step == total_steps:
+                    elapsed = time.time() - t_seed
+                    eta = elapsed / step * (total_steps - step) + (len(seeds) - 1 - seeds.index(seed)) * elapsed / step * total_steps
+                    print(f"seed {seed} | epoch {epoch + 1}/{epochs} | step {step}/{total_steps} | loss {loss:.4f} | "
+                          f"lr {optimizer.param_groups[0]['lr']:.2e} | {seen / elapsed:.0f} img/s | ETA {format_duration(eta)}")
+            val = classification_metrics(*predict(model, eval_loaders["val"], multi_label, dev, autocast_dtype), multi_label)
+            improved = val["f1"] > best["f1"]
+            print(f"seed {seed} | epoch {epoch + 1}/{epochs} | val acc {100 * val['acc']:.2f} f1 {100 * val['f1']:.2f} "
+                  f"auc {100 * val['auc']:.2f}" + (" (best)" if improved else ""))
+            if improved:
+                best = {**val, "epoch": epoch + 1,
+                        "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+
+        # ---- test on the official test split, with the weights of the selected epoch
+        model.load_state_dict(best.pop("state"))
+        test = classification_metrics(*predict(model, eval_loaders["test"], multi_label, dev, autocast_dtype), multi_label)
+        print(f"seed {seed} | test (epoch {best['epoch']} by val F1) | acc {100 * test['acc']:.2f} "
+              f"f1 {100 * test['f1']:.2f} auc {100 * test['auc']:.2f} | {format_duration(time.time() - t_seed)}")
+        run = {"seed": seed, "selected_epoch": best["epoch"], "val": {k: v for k, v in best.items() if k != "epoch"},
+               "test": test, "train_seconds": time.time() - t_seed}
+        runs.append(run)
+        if export:
+            seed_dir = Path(out_dir) / f"seed{seed}"
+            if mode != "head":  # a frozen backbone is the input file itself
+                vit_model.save_backbone(merge_lora(model.backbone) if mode == "lora" else model.backbone,
+                                        seed_dir / "backbone.safetensors")
+            vit_model.save_safetensors_atomic(
+                {k: v.contiguous() for k, v in model.head.state_dict().items()}, seed_dir / "head.safetensors",
+                {"head": head, "head_features": head_features, "classes": json.dumps(class_names)})
+            vit_model.save_json_atomic(run, seed_dir / "metrics.json")
+
+    # ---- results
+    row = format_row([r["test"] for r in runs])
+    name = f"{Path(data_path).stem if data_path else dataset} {mode}" + (f" r={lora_rank} a={lora_alpha:g}" if mode == "lora" else "")
+    print(f"{name} | init {init_from or 'random'} | {len(runs)} seed(s) | test {row}")
+    results = {"config": config, "task": task, "classes": class_names, "runs": runs, "row": row,
+               "summary": {k: {"mean": float(np.mean([r["test"][k] for r in runs])),
+                               "std": float(np.std([r["test"][k] for r in runs]))} for k in ("acc", "f1", "auc")},
+               "device": str(dev), "total_seconds": time.time() - t_start}
+    vit_model.save_json_atomic(results, Path(out_dir) / "results.json")
+    print(f"wrote {Path(out_dir) / 'results.json'} ({format_duration(time.time() - t_start)} in all)")
