@@ -5,14 +5,17 @@ val), a k-NN classifier (DINO's cosine, temperature-weighted votes), a metadata 
 grouped by patient) and pictures: PCA / t-SNE maps of the latent space, the last layer's CLS
 attention per head, and patch-to-patch similarity between two images (RAD-DINO Fig. 3).
 
-    python probe.py                                   # phantoms, random init, < 3 min on 2 CPU cores
-    python probe.py --dataset=medmnist --data_path=../shared/data/pneumoniamnist.npz \\
-                    --init_from=/work/ckpt/pretrained_vit.safetensors
-    python probe.py --dataset=covid_cxr --data_path=../shared/data/covid_cxr_xray256/images.csv
+    python probe.py                                    # phantoms, random init, < 3 min on 2 CPU cores
+    python probe.py config/probe_pneumoniamnist.py --init_from=/work/ckpt/pretrained_vit.safetensors
+    python probe.py config/probe_breastmnist.py --seeds=0,1,2        # random init, three seeds
+    python probe.py config/probe_covid_cxr.py          # COVID-19 vs other + sex / age metadata probe
+    python probe.py --dataset=csv --data_path=my/index.csv --label_column=finding --metadata_columns=()
+
+Features are cached in out_dir/features/<backbone>_<dataset>_<split>_<kind>.safetensors; the backbone
+key includes the checkpoint's size and mtime, so a retrained checkpoint is re-extracted.
 """
 import contextlib
 import hashlib
-import json
 import math
 import os
 import time
@@ -42,7 +45,7 @@ layers = ()                   # block indices to concatenate; () = the last bloc
 batch_size = 64
 knn_k = 20                    # DINO eval_knn defaults
 knn_temperature = 0.07
-l2_grid = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+l2_grid = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # on standardised features
 seeds = (0,)                  # random-init backbone seeds, and the CV fold shuffles
 metadata_columns = ("sex", "age")   # csv only: tabular columns probed with grouped CV (RAD-DINO Table 7)
 group_column = "patientid"
@@ -227,7 +230,7 @@ def fit_logistic_regression(x, y, l2, multilabel=False, n_classes=None, max_iter
 
 
 def train_linear_probe(train_x, train_y, val_x, val_y, multilabel=False,
-                       l2_grid=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0), n_classes=None, max_iter=500):
+                       l2_grid=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0), n_classes=None, max_iter=500):
     """Fit one probe per L2 strength on train, keep the one with the lowest val NLL. NLL rather than
     val accuracy: small val splits make accuracy tie across most of the grid. Returns a LinearProbe
     (call .predict_proba(x)); .l2 and .val_loss_by_l2 record the search."""
@@ -655,6 +658,10 @@ if __name__ == "__main__":
         print(f"{method:8s} | {m['accuracy']['mean'] * 100:.2f} ± {m['accuracy']['std'] * 100:.2f} | "
               f"{m['auroc']['mean'] * 100:.2f} ± {m['auroc']['std'] * 100:.2f} | "
               f"{m['auprc_macro']['mean'] * 100:.2f} ± {m['auprc_macro']['std'] * 100:.2f} | {per}")
+    for column, m in summary.get("metadata", {}).items():
+        print(f"metadata {column}: {n_folds}-fold grouped CV accuracy {m['accuracy_mean_over_seeds']['mean'] * 100:.2f} "
+              f"± {m['accuracy_mean_over_seeds']['std'] * 100:.2f} over seeds "
+              f"(majority class {m['majority_class']['mean'] * 100:.2f})")
 
     # ---- pictures from the last seed's backbone and test features
     pictures = {}
