@@ -1,0 +1,256 @@
+"""finetune_seg.py: segmentation metrics on hand-computed masks, frozen-backbone training, head
+output shapes at odd input sizes, data loaders, overlays, and a short run on the phantoms."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import finetune_seg as fs
+from model import ViT, ViTConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_cpu_thread():
+    """Two OpenMP threads on a busy shared 2-core CPU stall 10-30x; one thread keeps this file fast."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_vit(patch_size=14, depth=4, seed=0):
+    torch.manual_seed(seed)
+    return ViT(ViTConfig(img_size=4 * patch_size, patch_size=patch_size, embed_dim=32, depth=depth, num_heads=2))
+
+
+def tiny_segmenter(head, patch_size=14, n_classes=3, seed=0):
+    vit = tiny_vit(patch_size, seed=seed)
+    layers = fs.head_layers(head, vit.config.depth, linear_n_last=2 if head == "linear" else 1)
+    seg_head = fs.build_head(head, vit.embed_dim, n_classes, omnirad_width=16, linear_n_last=len(layers) if head == "linear" else 1,
+                             upernet_channels=16)
+    return fs.FrozenBackboneSegmenter(vit, seg_head, layers)
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+PRED = np.array([[0, 1, 1], [0, 1, 2], [2, 2, 0]])
+TARGET = np.array([[0, 1, 0], [1, 1, 2], [2, 0, 0]])
+
+
+def test_confusion_counts_match_hand_counted_pixels():
+    tp, fp, fn = fs.confusion_counts(PRED, TARGET, 3)
+    assert tp.tolist() == [2, 2, 2]
+    assert fp.tolist() == [1, 1, 1]
+    assert fn.tolist() == [2, 1, 0]
+
+
+def test_iou_and_dice_match_hand_computed_values():
+    iou, dice = fs.iou_and_dice(*fs.confusion_counts(torch.tensor(PRED), torch.tensor(TARGET), 3))
+    np.testing.assert_allclose(iou, [2 / 5, 2 / 4, 2 / 3])
+    np.testing.assert_allclose(dice, [4 / 7, 4 / 6, 4 / 5])
+
+
+def test_class_absent_from_prediction_and_target_is_skipped_not_scored():
+    empty = np.zeros((4, 4), dtype=np.int64)           # image A: background only, predicted so
+    lung = empty.copy()
+    lung[1:3, 1:3] = 1                                  # image B: class 1 present, predicted absent
+    iou, dice = fs.iou_and_dice(*fs.confusion_counts(empty, empty, 3))
+    assert iou[0] == 1.0 and dice[0] == 1.0
+    assert np.isnan(iou[1:]).all() and np.isnan(dice[1:]).all()
+    m = fs.segmentation_metrics([empty, empty], [empty, lung], 3)
+    assert m["per_class"]["1"]["dice"] == 0.0            # missed entirely: 0, not skipped
+    assert m["per_class"]["1"]["n_images_scored"] == 1   # image A does not count for class 1
+    assert math.isnan(m["per_class"]["2"]["dice"]) and m["per_class"]["2"]["n_images_scored"] == 0
+    assert m["mDice"] == 0.0 and m["mIoU"] == 0.0        # the mean skips class 2 instead of failing
+
+
+def test_empty_prediction_of_nonempty_target_scores_zero_and_empty_pair_is_skipped():
+    target = np.zeros((2, 2), dtype=np.int64)
+    target[0, 0] = 1
+    m = fs.segmentation_metrics([np.zeros((2, 2)), np.zeros((2, 2))], [target, np.zeros((2, 2))], 2)
+    assert m["mDice"] == 0.0 and m["per_class"]["1"]["n_images_scored"] == 1
+
+
+def test_dice_is_an_image_mean_while_iou_and_f1_pool_pixels():
+    t1, p1 = np.zeros((4, 4), np.int64), np.zeros((4, 4), np.int64)
+    t1[:2, :2] = 1
+    p1[:2, :2] = 1                                      # image 1: perfect, 4 px
+    t2, p2 = np.zeros((4, 4), np.int64), np.zeros((4, 4), np.int64)
+    t2[3, :2] = 1
+    p2[3, 2:] = 1                                       # image 2: 2 px target, 2 px wrong guess
+    m = fs.segmentation_metrics(np.stack([p1, p2]), np.stack([t1, t2]), 2)
+    assert m["mDice"] == pytest.approx(0.5)              # (1 + 0) / 2
+    assert m["mIoU"] == pytest.approx(4 / 8)             # tp 4, fp 2, fn 2 pooled
+    assert m["mF1"] == pytest.approx(8 / 12)
+    assert m["dice_std_over_images"] == pytest.approx(0.5)
+    # background is reported but kept out of the means
+    assert m["mIoU_with_background"] == pytest.approx((4 / 8 + 24 / 28) / 2)
+
+
+def test_metrics_reject_labels_outside_the_class_range():
+    with pytest.raises(ValueError, match="labels span"):
+        fs.confusion_counts(np.array([0, 3]), np.array([0, 1]), 3)
+
+
+def test_soft_dice_loss_equals_one_minus_hard_dice_for_confident_logits():
+    target = torch.tensor([[[0, 1], [1, 2]]])
+    pred = torch.tensor([[[0, 1], [2, 2]]])
+    logits = 50.0 * torch.nn.functional.one_hot(pred, 3).permute(0, 3, 1, 2).float()
+    # class 1: tp 1, fp 0, fn 1; class 2: tp 1, fp 1, fn 0; Dice (+1 smoothing) = 3/4 and 3/4
+    assert fs.soft_dice_loss(logits, target).item() == pytest.approx(1 - 3 / 4, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- heads
+
+def test_evenly_spaced_layers_reproduce_omnirad_blocks_and_fit_shallow_vits():
+    assert fs.evenly_spaced_layers(12, 3) == (3, 7, 11)
+    assert fs.evenly_spaced_layers(6, 3) == (1, 3, 5)
+    assert fs.head_layers("linear", 12, linear_n_last=4) == (8, 9, 10, 11)
+    assert fs.head_layers("omnirad", 12, layers=(11, 3, 7)) == (3, 7, 11)
+    with pytest.raises(ValueError, match="needs 4"):
+        fs.head_layers("upernet", 12, layers=(3, 7, 11))
+
+
+@pytest.mark.parametrize("head", fs.HEADS)
+@pytest.mark.parametrize("size", [(448, 448), (518, 518), (224, 224), (224, 280)])
+def test_head_gives_input_sized_logits_at_odd_sizes(head, size):
+    model = tiny_segmenter(head, patch_size=14).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, *size))
+    assert out.shape == (2, 3, *size)
+    assert torch.isfinite(out).all()
+
+
+def test_frozen_backbone_is_bit_identical_after_training_steps():
+    model = tiny_segmenter("omnirad", patch_size=8)
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    head_before = {k: v.clone() for k, v in model.head.state_dict().items()}
+    # an optimizer over *all* parameters: freezing must not rely on leaving the backbone out of it
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    torch.manual_seed(1)
+    for _ in range(3):
+        fs.train_step(model, optimizer, torch.randn(4, 3, 32, 32), torch.randint(0, 3, (4, 32, 32)), dice_weight=0.5)
+    assert not model.backbone.training and model.head.training
+    for k, v in model.backbone.state_dict().items():
+        assert torch.equal(v, before[k]), f"backbone tensor {k} changed"
+    assert any(not torch.equal(v, head_before[k]) for k, v in model.head.state_dict().items())
+
+
+@pytest.mark.parametrize("head", fs.HEADS)
+def test_only_head_parameters_receive_gradients(head):
+    model = tiny_segmenter(head, patch_size=8).train()
+    loss = fs.seg_loss(model(torch.randn(2, 3, 32, 48)), torch.randint(0, 3, (2, 32, 48)), dice_weight=1.0)
+    loss.backward()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert all(p.grad is not None for p in model.head.parameters())
+    assert fs.count_parameters(model) == fs.count_parameters(model.head)
+
+
+def test_cached_features_give_the_same_logits_as_computing_them():
+    model = tiny_segmenter("upernet", patch_size=8).eval()
+    images = torch.randn(5, 3, 32, 32)
+    cache = fs.cache_features(model, images, batch_size=2, device=torch.device("cpu"))
+    index = torch.tensor([4, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(model(images[index], fs.select_features(cache, index)), model(images[index]))
+
+
+def test_short_run_on_phantoms_beats_all_background_dice():
+    torch.manual_seed(0)
+    datasets, names = fs.load_splits("", n_phantom=(64, 0, 16), phantom_px=48)
+    train_x, train_y = fs.stack_split(datasets["train"], 48)
+    test_x, test_y = fs.stack_split(datasets["test"], 48)
+    model = fs.FrozenBackboneSegmenter(tiny_vit(8), fs.build_head("omnirad", 32, len(names), omnirad_width=32), (1, 2, 3))
+    cache = fs.cache_features(model, train_x, 32, torch.device("cpu"))
+    optimizer = torch.optim.AdamW(model.head.parameters(), lr=3e-3, weight_decay=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        for idx in fs.epoch_batches(len(train_x), 16, generator):
+            fs.train_step(model, optimizer, train_x[idx], train_y[idx], fs.select_features(cache, idx))
+    trained = fs.segmentation_metrics(fs.predict(model, test_x, 16, torch.device("cpu")), test_y, len(names))
+    background = fs.segmentation_metrics(torch.zeros_like(test_y), test_y, len(names))
+    assert trained["mDice"] > background["mDice"] + 0.25
+    assert trained["per_class"]["1"]["dice"] > 0.6  # the lungs, present in every phantom
+
+
+# ---------------------------------------------------------------------------------------------- data and outputs
+
+def test_npz_loader_reads_medsegbench_layout(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 3), ("val", 1), ("test", 2)):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 20, 24), dtype=np.uint8)
+        arrays[f"{split}_label"] = rng.integers(0, 3, (n, 20, 24)).astype(np.uint8)
+    np.savez(tmp_path / "toy_256.npz", **arrays)
+    datasets, names = fs.load_splits(str(tmp_path / "toy_256.npz"))
+    assert [len(datasets[s]) for s in ("train", "val", "test")] == [3, 1, 2]
+    assert names == ["background", "class 1", "class 2"]
+    item = datasets["test"][1]
+    assert item["image"].shape == (3, 20, 24) and item["mask"].dtype == torch.int64
+    np.testing.assert_allclose(item["image"][1].numpy(), arrays["test_images"][1] / 255, rtol=1e-6)
+    assert torch.equal(item["mask"], torch.from_numpy(arrays["test_label"][1].astype(np.int64)))
+
+
+def test_npz_loader_names_the_missing_array(tmp_path):
+    np.savez(tmp_path / "bad.npz", train_images=np.zeros((1, 4, 4), np.uint8))
+    with pytest.raises(KeyError, match="train_label"):
+        fs.NpzSegmentationDataset(tmp_path / "bad.npz", "train")
+
+
+def test_resize_pair_keeps_mask_labels_and_whole_field_of_view():
+    mask = torch.zeros(30, 60, dtype=torch.int64)
+    mask[:, :10] = 2                                     # a band at the far left must survive (no crop)
+    image, resized = fs.resize_pair({"image": torch.rand(3, 30, 60), "mask": mask}, 24)
+    assert image.shape == (3, 24, 24) and resized.shape == (24, 24)
+    assert set(resized.unique().tolist()) == {0, 2}
+    assert (resized[:, 0] == 2).all() and (resized[:, -1] == 0).all()
+
+
+def test_overlay_colours_follow_omnirad_figure_3():
+    image = np.full((3, 1, 4), 0.5, dtype=np.float32)
+    target = np.array([[1, 1, 0, 0]])
+    pred = np.array([[1, 0, 1, 0]])
+    rgb = fs.overlay_image(image, pred, target, alpha=1.0)
+    assert tuple(rgb[0, 0]) == fs.OVERLAY_COLORS["correct"]   # green
+    assert tuple(rgb[0, 1]) == fs.OVERLAY_COLORS["missed"]    # red
+    assert tuple(rgb[0, 2]) == fs.OVERLAY_COLORS["over"]      # blue
+    assert tuple(rgb[0, 3]) == (128, 128, 128)                # background left as the image
+
+
+def test_mean_std_row_is_percent_mean_and_population_std_over_seeds():
+    runs = [{"mIoU": 0.80, "mDice": 0.90, "mF1": 0.91}, {"mIoU": 0.84, "mDice": 0.92, "mF1": 0.95}]
+    assert fs.mean_std_row("omnirad", runs) == "| omnirad | 82.00 ± 2.00 | 91.00 ± 1.00 | 93.00 ± 2.00 |"
+
+
+def test_covid_lung_csv_loads_binary_masks_with_patient_splits(data_dir):
+    csv_path = data_dir / "covid_cxr_lungseg" / "pairs.csv"
+    if not csv_path.is_file():
+        pytest.skip(f"{csv_path} not found")
+    datasets, names = fs.load_splits(str(csv_path), mask_threshold=127)
+    assert names == ["background", "foreground"]
+    assert [len(datasets[s]) for s in ("train", "val", "test")] == [96, 8, 19]
+    item = datasets["val"][0]
+    assert item["mask"].shape == item["image"].shape[1:]
+    assert set(item["mask"].unique().tolist()) == {0, 1}
+
+
+def test_script_runs_end_to_end_and_writes_json_table_and_overlays(tmp_path):
+    cmd = [sys.executable, "finetune_seg.py", "--epochs=2", "--batch_size=8", "--n_phantom_train=16",
+           "--n_phantom_val=8", "--n_phantom_test=4", "--phantom_px=32", "--img_size=32", "--depth=3",
+           "--head=linear", "--seeds=0,1", "--n_overlays=2", f"--out_dir={tmp_path}"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert [r["seed"] for r in summary["runs"]] == [0, 1]
+    assert summary["layers"] == [2]
+    assert "RANDOM INIT" in result.stdout
+    assert (tmp_path / "table.md").read_text().count("±") == 3
+    assert sorted(p.name for p in (tmp_path / "overlays").iterdir()) == ["test_00.png", "test_01.png"]
