@@ -871,7 +871,8 @@ if __name__ == "__main__":
         state = load_checkpoint(out / "ckpt.safetensors", student, teacher, optimizer, centers)
         start_step, history = state["step"], state["history"]
         guard = GuardRail(rollback_drop, state["guard"]["best_score"], state["guard"]["best_step"])
-        changed = {k: (state["config"].get(k), v) for k, v in config.items()
+        as_saved = json.loads(json.dumps(config))  # tuples become lists, as in the checkpoint
+        changed = {k: (state["config"].get(k), v) for k, v in as_saved.items()
                    if k not in ("resume", "log_interval", "num_workers") and state["config"].get(k) != v}
         if master:
             print(f"resumed from {out / 'ckpt.safetensors'} at step {start_step}"
@@ -892,6 +893,7 @@ if __name__ == "__main__":
                                               world_size()),
         collate_fn=MaskedCollate(global_crops_size // backbone.patch_size, mask_probability, mask_ratio_min_max),
         num_workers=num_workers, pin_memory=device_type == "cuda", persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed),  # else the loader draws its worker seed from the global RNG
         prefetch_factor=4 if num_workers else None)
     loss_kwargs = dict(centering=centering, student_temp=student_temp, center_momentum=center_momentum,
                        dino_loss_weight=dino_loss_weight, ibot_loss_weight=ibot_loss_weight,

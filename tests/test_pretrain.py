@@ -203,12 +203,13 @@ def rank_slice(batch, r, world):
             "masks": batch["masks"][rows(2)]}
 
 
-def run_tiny_steps(batches, centering="sinkhorn_knopp", freeze_steps=0, separate_ibot=False, lr=1e-3):
+def run_tiny_steps(batches, centering="sinkhorn_knopp", freeze_steps=0, separate_ibot=False, lr=1e-3, warmup=1,
+                   student=None):
     """A few train_step calls; returns (per-step losses, student, teacher)."""
-    student = tiny_student(separate_ibot=separate_ibot)
+    student = student or tiny_student(separate_ibot=separate_ibot)
     teacher = P.make_teacher(student)
     optimizer = P.build_optimizer(student, 0.9, 0.2, (0.9, 0.999), use_foreach=False)
-    schedules = P.build_schedules(len(batches), lr, 1e-6, 1, 0.04, 0.4, 0.99, 1.0, 0.04, 0.07, 2, 1, freeze_steps)
+    schedules = P.build_schedules(len(batches), lr, 1e-6, warmup, 0.04, 0.4, 0.99, 1.0, 0.04, 0.07, 2, 1, freeze_steps)
     centers = {"dino": torch.zeros(1, K), "ibot": torch.zeros(1, K)}
     history = []
     for step, batch in enumerate(batches):
@@ -259,3 +260,198 @@ def test_two_gloo_processes_match_one_process_on_the_concatenated_batch(tmp_path
                         assert (theirs[D:2 * D] - v[D:2 * D]).abs().max() <= 2 * 1e-3 * 3
                         theirs, v = torch.cat([theirs[:D], theirs[2 * D:]]), torch.cat([v[:D], v[2 * D:]])
                     torch.testing.assert_close(theirs, v, atol=1e-6, rtol=1e-5, msg=f"{centering} {prefix}.{k}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs of the script itself (tiny model on phantoms): resume, atomic checkpoints, NaN stop, learning
+# ----------------------------------------------------------------------------------------------
+
+TINY_RUN = ["--model_size=tiny", "--depth=2", "--patch_size=8", "--global_crops_size=32", "--local_crops_size=16",
+            "--n_local_crops=2", "--batch_size=8", "--head_n_prototypes=128", "--head_hidden_dim=64",
+            "--head_bottleneck_dim=32", "--n_phantoms=64", "--phantom_size_px=32", "--eval_every=0",
+            "--log_interval=1", "--warmup_iters=2", "--teacher_temp_warmup_iters=4", "--freeze_last_layer_iters=1"]
+
+
+def run_script(args, cwd=REPO, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    return subprocess.run([sys.executable, "pretrain.py", *TINY_RUN, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def checkpoint_step(out_dir):
+    try:
+        return json.loads((out_dir / "ckpt.safetensors.json").read_text())["step"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return -1
+
+
+def assert_same_weights(path_a, path_b):
+    a, b = load_file(str(path_a)), load_file(str(path_b))
+    weights = [k for k in a if k.startswith(("student.", "teacher.", "optim.", "center."))]
+    assert weights and set(weights) == {k for k in b if k.startswith(("student.", "teacher.", "optim.", "center."))}
+    for k in weights:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone_file(tmp_path_factory):
+    """A 'released' backbone to continue from (nanorad format)."""
+    path = tmp_path_factory.mktemp("released") / "vit.safetensors"
+    torch.manual_seed(1)
+    model.save_backbone(ViT(vit_config("tiny", depth=2, patch_size=8, img_size=32)), path)
+    return path
+
+
+def test_killed_run_resumes_bitwise_even_in_the_middle_of_the_head_warmup(tmp_path, tiny_backbone_file):
+    n = 10
+    common = [f"--max_iters={n}", "--ckpt_every=1", f"--init_from={tiny_backbone_file}", "--head_warmup_iters=6"]
+    full = run_script(common + [f"--out_dir={tmp_path / 'full'}"])
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert "[heads only]" in full.stdout
+
+    killed_dir = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "pretrain.py", *TINY_RUN, *common, f"--out_dir={killed_dir}"], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while checkpoint_step(killed_dir) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # no clean-up: possibly in the middle of writing a checkpoint
+    proc.wait()
+    killed_at = checkpoint_step(killed_dir)
+    assert 3 <= killed_at < n, f"the run was not killed in time (checkpoint at step {killed_at})"
+
+    resumed = run_script(common + [f"--out_dir={killed_dir}", "--resume=True"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {killed_dir / 'ckpt.safetensors'} at step {killed_at}" in resumed.stdout
+    assert_same_weights(tmp_path / "full" / "ckpt.safetensors", killed_dir / "ckpt.safetensors")
+
+
+def tiny_training_state():
+    student = tiny_student()
+    teacher = P.make_teacher(student)
+    optimizer = P.build_optimizer(student, 0.9, 0.2, (0.9, 0.999), use_foreach=False)
+    centers = {"dino": torch.zeros(1, K), "ibot": torch.zeros(1, K)}
+    values = {"lr": 1e-3, "last_layer_lr": 1e-3, "backbone_lr": 1e-3, "wd": 0.04, "momentum": 0.99, "teacher_temp": 0.05}
+    return student, teacher, optimizer, centers, values
+
+
+def test_interrupted_checkpoint_write_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    student, teacher, optimizer, centers, values = tiny_training_state()
+    batch = tiny_batches(1)[0]
+    P.train_step(student, teacher, optimizer, batch, values, centers)
+    path = tmp_path / "ckpt.safetensors"
+    P.save_checkpoint(path, student, teacher, optimizer, centers, {"step": 1})
+    saved = {k: v.clone() for k, v in P.checkpoint_tensors(student, teacher, optimizer, centers).items()}
+    P.train_step(student, teacher, optimizer, batch, values, centers)
+
+    real_save_file = model.save_file
+
+    def dies_halfway(tensors, filename, metadata=None):
+        real_save_file(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:  # a truncated file, then the process "dies"
+            f.truncate(os.path.getsize(filename) // 2)
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(model, "save_file", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        P.save_checkpoint(path, student, teacher, optimizer, centers, {"step": 2})
+    monkeypatch.undo()
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors", "ckpt.safetensors.json"]  # no temp left
+    fresh_student, fresh_teacher, fresh_optimizer, fresh_centers, _ = tiny_training_state()
+    state = P.load_checkpoint(path, fresh_student, fresh_teacher, fresh_optimizer, fresh_centers)
+    assert state["step"] == 1
+    reloaded = P.checkpoint_tensors(fresh_student, fresh_teacher, fresh_optimizer, fresh_centers)
+    assert set(reloaded) == set(saved)
+    for k, v in saved.items():
+        assert torch.equal(reloaded[k], v), k
+
+
+def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    first = run_script(["--max_iters=2", f"--out_dir={out}"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = (out / "ckpt.safetensors").read_bytes()
+    # student_temp=0 divides the student logits by zero: the loss is NaN at the first resumed step
+    broken = run_script(["--max_iters=4", f"--out_dir={out}", "--resume=True", "--student_temp=0.0"])
+    assert broken.returncode == 1
+    assert "the loss is not finite" in broken.stderr and "ckpt.safetensors (step 2), left untouched" in broken.stderr
+    assert (out / "ckpt.safetensors").read_bytes() == before
+
+
+def test_short_run_on_phantoms_lowers_the_loss_and_does_not_collapse(tmp_path):
+    out = tmp_path / "run"
+    result = run_script(["--max_iters=40", f"--out_dir={out}", "--batch_size=16", "--n_phantoms=256",
+                         "--eval_every=40", "--eval_max_images=256", "--base_lr=0.02", "--koleo_loss_weight=0.1"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    first, last = log[:5], log[-5:]
+    mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)
+    assert mean(last, "total") < mean(first, "total") - 0.1
+    # collapse would show as CLS features that no longer vary across images (feat_std -> 0) or
+    # uniform teacher targets (entropy -> 1)
+    assert mean(last, "feat_std") > 0.2
+    assert mean(last, "teacher_entropy") < 0.95
+    results = json.loads((out / "results.json").read_text())
+    assert results["knn_history"][-1]["knn_acc"] > 0.3  # 4 balanced phantom classes: chance is 0.25
+    for name in ("teacher_backbone.safetensors", "dino_head.safetensors", "hf/model.safetensors", "hf/config.json"):
+        assert (out / name).is_file(), name
+    exported = model.load_backbone(out / "teacher_backbone.safetensors", verbose=False)
+    teacher = load_file(str(out / "ckpt.safetensors"))
+    for k, v in exported.state_dict().items():
+        assert torch.equal(v, teacher[f"teacher.backbone.{k}"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Continual pretraining safeguards (head warm-up, guard rail)
+# ----------------------------------------------------------------------------------------------
+
+def test_head_warmup_keeps_both_backbones_bit_identical_and_trains_the_heads():
+    student = tiny_student()
+    initial = {k: v.clone() for k, v in student.state_dict().items()}
+    _, student, teacher = run_tiny_steps(tiny_batches(3), freeze_steps=3, student=student)
+    for net in (student, teacher):
+        for k, v in net["backbone"].state_dict().items():
+            assert torch.equal(v, initial[f"backbone.{k}"]), f"backbone {k} moved during the head warm-up"
+        changed = [k for k, v in net["dino_head"].state_dict().items() if not torch.equal(v, initial[f"dino_head.{k}"])]
+        assert "mlp.0.weight" in changed and "mlp.4.weight" in changed
+
+
+def test_backbone_unfreezes_after_the_head_warmup_with_its_own_lr_warmup():
+    s = P.build_schedules(20, 1e-3, 1e-6, 4, 0.04, 0.4, 0.99, 1.0, 0.04, 0.07, 2, 1, head_warmup_iters=5)
+    assert (s["backbone_lr"][:5] == 0).all()
+    torch.testing.assert_close(torch.tensor(s["backbone_lr"][5:9]), torch.linspace(0, 1e-3, 4, dtype=torch.float64))
+    torch.testing.assert_close(torch.tensor(s["lr"][:4]), torch.linspace(0, 1e-3, 4, dtype=torch.float64))  # heads: from 0
+    assert s["backbone_lr"][9] == pytest.approx(1e-3) and s["backbone_lr"][-1] < 1e-4
+
+    student = tiny_student()
+    initial = {k: v.clone() for k, v in student["backbone"].state_dict().items()}
+    _, student, teacher = run_tiny_steps(tiny_batches(4), freeze_steps=2, warmup=1, student=student)
+    moved = [k for k, v in student["backbone"].state_dict().items() if not torch.equal(v, initial[k])]
+    assert "blocks.1.attn.qkv.weight" in moved and "pos_embed" in moved
+    assert not torch.equal(teacher["backbone"].blocks[1].attn.qkv.weight, initial["blocks.1.attn.qkv.weight"])
+
+
+def test_guard_rail_stops_on_a_falling_score_and_the_best_checkpoint_on_disk_has_the_best_score(tmp_path):
+    student, teacher, optimizer, centers, values = tiny_training_state()
+    batches = tiny_batches(4)
+    scores = iter([0.50, 0.70, 0.68, 0.60])  # a stubbed k-NN evaluator: peaks, then falls by 0.10
+    guard = P.GuardRail(rollback_drop=0.05)
+    best = tmp_path / "best.safetensors"
+    snapshots, stopped_at = {}, None
+    for step, batch in enumerate(batches, start=1):
+        P.train_step(student, teacher, optimizer, batch, values, centers)
+        snapshots[step] = {k: v.clone() for k, v in teacher.state_dict().items()}
+        save = lambda: P.save_checkpoint(best, student, teacher, optimizer, centers, {"step": step, "guard": guard.state()})
+        score, stop = P.evaluate_and_guard(step, lambda: next(scores), guard, save)
+        if stop:
+            stopped_at = step
+            break
+    assert stopped_at == 4  # 0.60 < 0.70 - 0.05; 0.68 was still within the allowed drop
+    assert (guard.best_step, guard.best_score) == (2, 0.70)
+    assert P.read_checkpoint_state(best)["step"] == 2
+    on_disk = load_file(str(best))
+    for k, v in snapshots[2].items():
+        assert torch.equal(on_disk[f"teacher.{k}"], v)
+    assert not torch.equal(on_disk["teacher.dino_head.mlp.0.weight"], snapshots[4]["dino_head.mlp.0.weight"])

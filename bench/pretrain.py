@@ -1,0 +1,156 @@
+"""Images per second of one full pretraining step (teacher forward, student forward + backward,
+gradient clipping, AdamW, teacher EMA) for the OmniRad recipe (2 global crops) and the RAD-DINO /
+DINOv2 recipe (2 global + 8 local crops), with nanorad's Triton kernels (attention, Sinkhorn-Knopp,
+EMA) and with the PyTorch references (NANORAD_KERNELS=ref), and the model FLOP utilisation on a GPU.
+
+    python bench/pretrain.py                 # GPU: ViT-S/14 and ViT-B/14 at 224 (local crops 98 px), K = 65536
+    python bench/pretrain.py --smoke=True    # CPU: ViT-tiny/8 at 64 px, small heads
+
+Batches are synthetic tensors already on the device: this times the model step, not the data loader.
+FLOPs are counted analytically (2 per multiply-add: patch embedding, attention projections and
+scores, MLP, heads; student x3 for its backward, teacher x1) at the device's dense bf16 peak.
+"""
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: `python bench/pretrain.py`
+import pretrain as P  # noqa: E402
+from data import MaskingGenerator  # noqa: E402
+from model import ViT, vit_config  # noqa: E402
+
+# config ----------------------------------------------------------------------------------------
+smoke = False
+sizes = ("small", "base")
+patch_size = 14
+global_crops_size = 224
+local_crops_size = 98
+n_local_crops = 8
+batch_size = 64            # images per step (each gives 2 global + n local crops)
+head_n_prototypes = 65536
+head_hidden_dim = 2048
+head_bottleneck_dim = 256
+warmup_steps = 3
+timed_steps = 10
+out_json = "out/bench_pretrain.json"
+from config import configure  # noqa: E402
+config = configure(globals())
+# -----------------------------------------------------------------------------------------------
+if smoke:
+    sizes, patch_size, global_crops_size, local_crops_size, batch_size = ("tiny",), 8, 64, 32, 16
+    head_n_prototypes, head_hidden_dim, head_bottleneck_dim, timed_steps, warmup_steps = 1024, 512, 128, 3, 1
+
+PEAK_BF16 = {"H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "A100": 312e12}
+
+
+def vit_forward_flops(cfg, img_px, n_images):
+    """Matmul FLOPs of one ViT forward on n_images square crops."""
+    n = 1 + cfg.n_registers + (img_px // cfg.patch_size) ** 2
+    D, hidden = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
+    per_block = 2 * n * D * 3 * D + 2 * n * D * D + 2 * 2 * n * D * hidden + 2 * 2 * n * n * D
+    patch_embed = 2 * (n - 1) * cfg.in_chans * cfg.patch_size ** 2 * D
+    return n_images * (cfg.depth * per_block + patch_embed)
+
+
+def head_flops(D, n_tokens):
+    per_token = 2 * (D * head_hidden_dim + head_hidden_dim ** 2 + head_hidden_dim * head_bottleneck_dim
+                     + head_bottleneck_dim * head_n_prototypes)
+    return n_tokens * per_token
+
+
+def step_flops(cfg, n_local, n_masked):
+    B = batch_size
+    student = vit_forward_flops(cfg, global_crops_size, 2 * B) + vit_forward_flops(cfg, local_crops_size, n_local * B)
+    student += head_flops(cfg.embed_dim, 2 * B + n_local * B + n_masked)
+    teacher = vit_forward_flops(cfg, global_crops_size, 2 * B) + head_flops(cfg.embed_dim, 2 * B + n_masked)
+    return 3 * student + teacher
+
+
+def synthetic_batch(n_local, device, generator):
+    grid = global_crops_size // patch_size
+    masker = MaskingGenerator(grid, grid)
+    ratios = torch.linspace(0.1, 0.5, batch_size + 1)  # half of the 2B global crops masked, as collate does
+    masks = [masker(int(grid * grid * float(ratios[i])), generator) for i in range(batch_size)]
+    masks += [masker(0, generator) for _ in range(batch_size)]
+    masks = torch.stack(masks).flatten(1)[torch.randperm(2 * batch_size, generator=generator)]
+    return {"global_crops": torch.randn(2 * batch_size, 3, global_crops_size, global_crops_size, generator=generator).to(device),
+            "local_crops": (torch.randn(n_local * batch_size, 3, local_crops_size, local_crops_size, generator=generator).to(device)
+                            if n_local else None),
+            "masks": masks.to(device)}
+
+
+def bench_one(size, n_local, kernels_choice, device):
+    os.environ["NANORAD_KERNELS"] = kernels_choice  # read by kernels/ at every call
+    torch.manual_seed(0)
+    cfg = vit_config(size, patch_size=patch_size, img_size=global_crops_size, drop_path_rate=0.1)
+    backbone = ViT(cfg)
+    student = nn.ModuleDict({"backbone": backbone, **P.build_heads(cfg.embed_dim, head_n_prototypes, head_hidden_dim,
+                                                                    head_bottleneck_dim, 3, False, 0)}).to(device)
+    teacher = P.make_teacher(student)
+    optimizer = P.build_optimizer(student, 0.9, 0.2, (0.9, 0.999), use_foreach=device.type == "cuda")
+    centers = {"dino": torch.zeros(1, head_n_prototypes, device=device), "ibot": torch.zeros(1, head_n_prototypes, device=device)}
+    values = {"lr": 1e-4, "last_layer_lr": 1e-4, "backbone_lr": 1e-4, "wd": 0.04, "momentum": 0.994, "teacher_temp": 0.07}
+    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
+                else P.nullcontext)
+    batch = synthetic_batch(n_local, device, torch.Generator().manual_seed(0))
+    n_masked = int(batch["masks"].sum())
+
+    def step():
+        P.train_step(student, teacher, optimizer, batch, values, centers, 3.0, autocast=autocast)
+
+    for _ in range(warmup_steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(timed_steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - t) / timed_steps
+    flops = step_flops(cfg, n_local, n_masked)
+    peak = next((v for k, v in PEAK_BF16.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
+    row = {"model": f"ViT-{size[0].upper()}/{patch_size}", "recipe": f"2+{n_local}" if n_local else "2 global",
+           "kernels": kernels_choice, "batch": batch_size, "step_ms": 1000 * seconds, "img_per_s": batch_size / seconds,
+           "tflops": flops / seconds / 1e12, "mfu": flops / seconds / peak if peak else None,
+           "max_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None}
+    del student, teacher, optimizer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    return row
+
+
+if __name__ == "__main__":
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"pretraining step on {name}: {global_crops_size} px global crops, {local_crops_size} px local crops, "
+          f"batch {batch_size}, K = {head_n_prototypes}")
+    rows = []
+    header = f"{'model':10} {'recipe':9} {'kernels':7} {'step ms':>8} {'img/s':>8} {'TFLOP/s':>8} {'MFU':>6}"
+    print(header)
+    for size in sizes:
+        for n_local in (0, n_local_crops):
+            for choice in ("triton", "ref"):
+                if choice == "triton" and device.type != "cuda":
+                    continue  # Triton runs on CUDA only; the CPU path is the reference
+                try:
+                    row = bench_one(size, n_local, choice, device)
+                except torch.cuda.OutOfMemoryError as e:
+                    print(f"{size} 2+{n_local} {choice}: out of memory ({e})")
+                    torch.cuda.empty_cache()
+                    continue
+                rows.append(row)
+                mfu = f"{100 * row['mfu']:5.1f}%" if row["mfu"] else "     -"
+                print(f"{row['model']:10} {row['recipe']:9} {choice:7} {row['step_ms']:8.1f} {row['img_per_s']:8.1f} "
+                      f"{row['tflops']:8.2f} {mfu}", flush=True)
+    Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+    Path(out_json).write_text(json.dumps({"device": name, "config": config, "rows": rows}, indent=1))
+    print(f"wrote {out_json}")

@@ -1,0 +1,26 @@
+# Real radiographs, small: ViT-tiny/8 at 64 px on the MedMNIST Pneumonia + Breast train images and the
+# covid_cxr_xray256 train split (5580 images), RAD-DINO multi-crop (2 global + 8 local crops).
+# This is how the evidence backbone (/work/ckpt/pretrained_vit.safetensors) was made, on one GPU:
+#   python pretrain.py config/medmnist_tiny.py
+# Paths are relative to the repository root, with the data beside it in ../shared/data.
+train_data = ("../shared/data/pneumoniamnist.npz", "../shared/data/breastmnist.npz",
+              "../shared/data/covid_cxr_xray256/images.csv")
+eval_data = "../shared/data/pneumoniamnist.npz"   # k-NN monitor: train split = bank, val split = queries
+out_dir = "out/pretrain_medmnist_tiny"
+model_size = "tiny"
+patch_size = 8
+global_crops_size = 64
+local_crops_size = 32
+n_local_crops = 8
+head_n_prototypes = 4096
+head_hidden_dim = 1024
+head_bottleneck_dim = 256
+batch_size = 256
+max_iters = 1500          # ~70 epochs of 5580 images
+warmup_iters = 100
+freeze_last_layer_iters = 100
+teacher_temp_warmup_iters = 400
+momentum_teacher = 0.992
+eval_every = 250
+ckpt_every = 500
+num_workers = 14
