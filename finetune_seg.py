@@ -508,11 +508,11 @@ def save_overlay(image, pred, target, path, min_side_px=256):
 
 def mean_std_row(name, runs):
     """One row of OmniRad Table 11: "| model | mIoU | Dice | F1 |", each mean ± std over seeds in %
-    (population std, numpy's default)."""
+    (population std, numpy's default); a single seed has no std and says so."""
     cells = []
     for key in ("mIoU", "mDice", "mF1"):
         values = 100 * np.array([r[key] for r in runs], dtype=np.float64)
-        cells.append(f"{np.mean(values):.2f} ± {np.std(values):.2f}")
+        cells.append(f"{np.mean(values):.2f} ± {np.std(values):.2f}" if len(values) > 1 else f"{values[0]:.2f} (1 seed)")
     return f"| {name} | " + " | ".join(cells) + " |"
 
 

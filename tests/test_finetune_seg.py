@@ -228,6 +228,7 @@ def test_overlay_colours_follow_omnirad_figure_3():
 def test_mean_std_row_is_percent_mean_and_population_std_over_seeds():
     runs = [{"mIoU": 0.80, "mDice": 0.90, "mF1": 0.91}, {"mIoU": 0.84, "mDice": 0.92, "mF1": 0.95}]
     assert fs.mean_std_row("omnirad", runs) == "| omnirad | 82.00 ± 2.00 | 91.00 ± 1.00 | 93.00 ± 2.00 |"
+    assert fs.mean_std_row("linear", runs[:1]) == "| linear | 80.00 (1 seed) | 90.00 (1 seed) | 91.00 (1 seed) |"
 
 
 def test_covid_lung_csv_loads_binary_masks_with_patient_splits(data_dir):
@@ -242,15 +243,19 @@ def test_covid_lung_csv_loads_binary_masks_with_patient_splits(data_dir):
     assert set(item["mask"].unique().tolist()) == {0, 1}
 
 
-def test_script_runs_end_to_end_and_writes_json_table_and_overlays(tmp_path):
+@pytest.mark.parametrize("extra", [["--head=linear", "--seeds=0,1"], ["--head=omnirad", "--augment=True", "--hflip=True"]],
+                         ids=["cached-features", "augmented"])
+def test_script_runs_end_to_end_and_writes_json_table_and_overlays(tmp_path, extra):
     cmd = [sys.executable, "finetune_seg.py", "--epochs=2", "--batch_size=8", "--n_phantom_train=16",
            "--n_phantom_val=8", "--n_phantom_test=4", "--phantom_px=32", "--img_size=32", "--depth=3",
-           "--head=linear", "--seeds=0,1", "--n_overlays=2", f"--out_dir={tmp_path}"]
+           "--omnirad_width=16", "--n_overlays=2", f"--out_dir={tmp_path}"] + extra
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "results.json").read_text())
-    assert [r["seed"] for r in summary["runs"]] == [0, 1]
-    assert summary["layers"] == [2]
+    assert [r["seed"] for r in summary["runs"]] == list(summary["seeds"])
+    assert summary["layers"] == ([2] if "--head=linear" in extra else [0, 1, 2])
     assert "RANDOM INIT" in result.stdout
-    assert (tmp_path / "table.md").read_text().count("±") == 3
+    table = (tmp_path / "table.md").read_text().splitlines()
+    head = extra[0].split("=")[1]
+    assert len(table) == 3 and table[2].startswith(f"| {head} on random-init ViT-tiny/8 | ")
     assert sorted(p.name for p in (tmp_path / "overlays").iterdir()) == ["test_00.png", "test_01.png"]
