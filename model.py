@@ -980,7 +980,9 @@ class VisualPrefix(nn.Module):
         super().__init__()
         self.proj = nn.Linear(vit_dim, d_model)
         self.norm = nn.LayerNorm(d_model)
-        self.queries = nn.Parameter(torch.randn(n_queries, d_model) * 0.02)
+        # unit-scale queries (as the public Patch Merger code): at 0.02 every query would start as
+        # the same uniform average over patches, and the K outputs would be identical
+        self.queries = nn.Parameter(torch.randn(n_queries, d_model))
 
     def forward(self, tokens):
         z = self.norm(self.proj(tokens))
