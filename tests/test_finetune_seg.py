@@ -163,6 +163,21 @@ def test_cached_features_give_the_same_logits_as_computing_them():
         torch.testing.assert_close(model(images[index], fs.select_features(cache, index)), model(images[index]))
 
 
+@pytest.mark.parametrize("head", fs.HEADS)
+def test_bfloat16_autocast_path_trains_on_cached_features_and_predicts(head):
+    """The CUDA recipe (bf16 autocast, features cached in bf16), run through CPU autocast."""
+    model = tiny_segmenter(head, patch_size=8)
+    images, masks = torch.randn(4, 3, 32, 32), torch.randint(0, 3, (4, 32, 32))
+    cache = fs.cache_features(model, images, 2, torch.device("cpu"), autocast_dtype=torch.bfloat16)
+    assert cache[0][0].dtype == torch.bfloat16
+    optimizer = torch.optim.AdamW(model.head.parameters(), lr=1e-3)
+    loss = fs.train_step(model, optimizer, images, masks, cache, dice_weight=0.5, autocast_dtype=torch.bfloat16)
+    assert math.isfinite(loss)
+    assert all(p.dtype == torch.float32 for p in model.head.parameters())
+    pred = fs.predict(model, images, 3, torch.device("cpu"), cache, autocast_dtype=torch.bfloat16)
+    assert pred.shape == (4, 32, 32) and pred.dtype == torch.uint8
+
+
 def test_short_run_on_phantoms_beats_all_background_dice():
     torch.manual_seed(0)
     datasets, names = fs.load_splits("", n_phantom=(64, 0, 16), phantom_px=48)
