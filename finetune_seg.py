@@ -22,18 +22,22 @@ relatively narrower than its base head (a 1x1 fusion instead gives 11.02 M / 44.
 `--omnirad_width=336` on ViT-S gives 13.84 M).
 
 Metrics (hand-written; the JSON repeats these conventions):
-  iou[c]   pooled over the whole split: TP / (TP + FP + FN), summing pixel counts over all images
-           (mmseg's mIoU convention).
+  iou[c]   pooled over the whole split: TP / (TP + FP + FN), pixel counts summed over all images,
+           as mmseg computes IoU.
   dice[c]  per image 2TP / (2TP + FP + FN), averaged over the images; an image where class c is
-           absent from both prediction and target is skipped for c (NaN, not 1 or 0).
+           absent from both prediction and target is skipped for c (NaN, neither 1 nor 0).
   f1[c]    pooled over the split, 2PR / (P + R) (= pooled Dice), so it differs from the image-mean
-           Dice as the papers' F1 and Dice columns do.
-  mIoU, mDice, mF1: means over the foreground classes (1..K-1), background excluded as in the
-           papers' Dice; a class never seen in prediction or target is skipped. mIoU_with_background
-           is also reported.
+           Dice as the papers' F1 and Dice columns differ.
+  mIoU, mDice, mF1: means over the foreground classes 1..K-1, background excluded (RAD-DINO scores
+           its structures only; OmniRad does not say); a class never present in prediction or
+           target is skipped. mIoU_with_background (mmseg's all-class mean) is reported as well.
 
-Run: `python finetune_seg.py` (phantoms, random-init ViT-tiny/8 at 64 px, ~1 min on 2 CPU cores);
-`python finetune_seg.py config/seg_omnirad_vits14.py --init_from=...` is the OmniRad recipe.
+Run (each writes results.json, table.md and overlays/ under out_dir):
+  python finetune_seg.py                                       # phantoms, random-init ViT-tiny/8, 64 px
+  python finetune_seg.py --head=linear                         # DINOv2 linear head (--linear_n_last=4)
+  python finetune_seg.py --head=upernet --upernet_channels=64
+  python finetune_seg.py config/seg_covid_lungs.py --head=omnirad [--init_from=backbone.safetensors]
+  python finetune_seg.py config/seg_omnirad_vits14.py --data_path=busi_256.npz --init_from=...  # GPU
 """
 import copy
 import json
