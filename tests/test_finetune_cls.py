@@ -1,11 +1,31 @@
 """finetune_cls.py: metrics against hand-computed values and scikit-learn (test-only oracle), LoRA
 and head-only invariants, and a short phantom run that must beat chance."""
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from finetune_cls import (accuracy, auprc_per_class, average_precision, macro_f1, roc_auc, roc_auc_ovr,
-                          roc_auc_per_class)
+import model as vit_model
+from finetune_cls import (Classifier, LoRALinear, accuracy, auprc_per_class, average_precision, class_weights,
+                          classification_metrics, lr_at, macro_f1, make_optimizer, merge_lora, roc_auc,
+                          roc_auc_ovr, roc_auc_per_class, set_train_mode, setup_mode, train_step)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_cpu_thread():
+    # on a shared, oversubscribed CPU, OpenMP threads slow small ops down by an order of magnitude
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 # ---------------------------------------------------------------------------- metrics, by hand
 
@@ -105,3 +125,163 @@ def test_multilabel_metrics_match_sklearn(sklearn_metrics):
     expect_auc = [sklearn_metrics.roc_auc_score(y[:, c], s[:, c]) for c in range(6)]
     np.testing.assert_allclose(auprc_per_class(y, s), expect_ap, atol=1e-12)
     np.testing.assert_allclose(roc_auc_per_class(y, s), expect_auc, atol=1e-12)
+
+
+def test_classification_metrics_use_p_class1_for_binary_auc_and_labelwise_acc_for_multilabel():
+    probs = np.array([[0.9, 0.1], [0.4, 0.6], [0.7, 0.3], [0.2, 0.8]])
+    m = classification_metrics([0, 1, 1, 0], probs, multi_label=False)
+    assert m["acc"] == 0.5 and m["auc"] == pytest.approx(roc_auc([0, 1, 1, 0], probs[:, 1]))
+    y = np.array([[1, 0], [0, 1], [1, 1]])
+    p = np.array([[0.8, 0.2], [0.6, 0.7], [0.9, 0.4]])  # thresholded: [1,0] [1,1] [1,0] -> 4 of 6 right
+    assert classification_metrics(y, p, multi_label=True)["acc"] == pytest.approx(4 / 6)
+
+
+def test_class_weights_are_balanced_inverse_frequencies():
+    w = class_weights(np.array([0, 0, 0, 1]), 3, multi_label=False)  # counts 3, 1, 0
+    np.testing.assert_allclose(w.numpy(), [4 / (3 * 3), 4 / (3 * 1), 1.0], rtol=1e-6)
+    pos_w = class_weights(np.array([[1, 0], [0, 0], [0, 1], [0, 1]]), 2, multi_label=True)
+    np.testing.assert_allclose(pos_w.numpy(), [3.0, 1.0])
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr():
+    lrs = [lr_at(s, 100, 10, 1.0, 0.1) for s in range(100)]
+    np.testing.assert_allclose(lrs[:10], np.arange(1, 11) / 10)
+    assert lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.55)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lr_at(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------------------- LoRA and head-only
+
+
+def tiny_classifier(seed=0, n_classes=3, **head_kwargs):
+    torch.manual_seed(seed)
+    cfg = vit_model.vit_config("tiny", img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                               layerscale_init=None)
+    return Classifier(vit_model.ViT(cfg), n_classes, **head_kwargs)
+
+
+def batch(seed=0, n=6, n_classes=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 16, 16, generator=g), torch.randint(0, n_classes, (n,), generator=g)
+
+
+def test_lora_model_output_equals_base_model_exactly_at_init():
+    base = tiny_classifier().eval()
+    lora = copy.deepcopy(base)
+    setup_mode(lora, "lora", lora_rank=4, lora_alpha=8)
+    x, _ = batch()
+    assert sum(isinstance(m, LoRALinear) for m in lora.modules()) == 2 * 4  # qkv, proj, fc1, fc2 per block
+    assert torch.equal(lora.eval()(x), base(x))
+
+
+def test_lora_trains_only_adapters_and_head():
+    model = tiny_classifier()
+    params = setup_mode(model, "lora", lora_rank=4, lora_alpha=8)
+    optimizer = make_optimizer(params, 1e-2, 0.01)
+    x, y = batch()
+    for _ in range(2):  # B starts at zero, so A gets its first gradient on the second step
+        train_step(model, optimizer, x, y, multi_label=False)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {name for name, _ in model.named_parameters() if ".lora_" in name or name.startswith("head.")}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+
+
+def test_merged_lora_backbone_gives_the_unmerged_outputs():
+    model = tiny_classifier()
+    params = setup_mode(model, "lora", lora_rank=4, lora_alpha=8)
+    optimizer = make_optimizer(params, 1e-2, 0.0)
+    x, y = batch()
+    for _ in range(5):
+        train_step(model, optimizer, x, y, multi_label=False)
+    model.eval()
+    before = model(x)
+    assert before.sub(tiny_classifier().head(tiny_classifier().eval().features(x))).abs().max() > 1e-4  # LoRA moved it
+    merge_lora(model.backbone)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
+
+
+def test_merged_lora_backbone_round_trips_through_save_and_load_backbone(tmp_path):
+    model = tiny_classifier()
+    setup_mode(model, "lora", lora_rank=2, lora_alpha=4)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_b.normal_(std=0.1)
+    x, _ = batch()
+    before = model.eval().backbone(x)
+    vit_model.save_backbone(merge_lora(model.backbone), tmp_path / "b.safetensors")
+    loaded = vit_model.load_backbone(tmp_path / "b.safetensors", verbose=False).eval()
+    torch.testing.assert_close(loaded(x), before, atol=1e-5, rtol=1e-5)
+
+
+def test_head_only_training_leaves_backbone_bit_identical():
+    model = tiny_classifier(head="mlp", head_features="cls+mean")
+    frozen = copy.deepcopy(model.backbone.state_dict())
+    head_before = copy.deepcopy(model.head.state_dict())
+    params = setup_mode(model, "head")
+    optimizer = make_optimizer(params, 1e-2, 0.05)  # weight decay must not touch the frozen weights
+    set_train_mode(model, "head")
+    assert not model.backbone.training
+    x, y = batch()
+    for _ in range(3):
+        train_step(model, optimizer, x, y, multi_label=False)
+    for name, tensor in model.backbone.state_dict().items():
+        assert torch.equal(tensor, frozen[name]), name
+    assert any(not torch.equal(v, head_before[k]) for k, v in model.head.state_dict().items())
+
+
+# ---------------------------------------------------------------------------- the script end to end
+
+
+def run_script(tmp_path, *args):
+    return subprocess.run([sys.executable, str(REPO / "finetune_cls.py"), f"--out_dir={tmp_path}", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_bad_mode_is_an_error_before_any_work(tmp_path):
+    result = run_script(tmp_path, "--mode=lorra")
+    assert result.returncode != 0 and "--mode='lorra'" in result.stderr and "full" in result.stderr
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_script_runs_end_to_end_and_writes_the_table_row(tmp_path):
+    result = run_script(tmp_path, "--depth=1", "--img_size=32", "--epochs=1", "--n_phantom_train=64",
+                        "--n_phantom_val=32", "--n_phantom_test=32", "--seeds=0,1", "--mode=lora", "--log_every=1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "img/s" in result.stdout and "ETA" in result.stdout and "ACC" in result.stdout and " ± " in result.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["seed"] for r in results["runs"]] == [0, 1]
+    assert results["summary"]["acc"]["mean"] == pytest.approx(np.mean([r["test"]["acc"] for r in results["runs"]]))
+    backbone = vit_model.load_backbone(tmp_path / "seed0" / "backbone.safetensors", verbose=False)  # LoRA merged
+    assert backbone.config.depth == 1
+
+
+def test_short_phantom_training_beats_chance():
+    import data
+
+    def cached(n, split):  # 32 px phantoms, without augmentation, so that ~90 steps suffice
+        ds = data.PhantomDataset(n, img_size=64, split=split)
+        items = [ds[i] for i in range(n)]
+        return (torch.stack([data.normalize(data.resize(it["image"], 32)) for it in items]),
+                torch.tensor([it["label"] for it in items]))
+
+    x, y = cached(512, "train")
+    x_test, y_test = cached(256, "test")
+    torch.manual_seed(0)
+    cfg = vit_model.vit_config("tiny", patch_size=8, img_size=32, depth=1, layerscale_init=None)
+    model = Classifier(vit_model.ViT(cfg), 4, head_features="cls+mean")
+    optimizer = make_optimizer(setup_mode(model, "full"), 1e-3, 0.01)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(90):
+        idx = torch.randint(0, len(x), (64,), generator=g)
+        train_step(model, optimizer, x[idx], y[idx], multi_label=False)
+    with torch.no_grad():
+        probs = model.eval()(x_test).softmax(-1)
+    test = classification_metrics(y_test, probs, multi_label=False)
+    # 4 balanced classes: chance is 25% accuracy and 50% AUC (256 test images: sd ~2.7% on accuracy)
+    assert test["acc"] > 0.32 and test["auc"] > 0.62, test
