@@ -415,7 +415,7 @@ def format_table(rows, encoder_name, baseline):
     return "\n".join(lines)
 
 
-def sample_sheet(images, generated, references, path, tile_px=192, text_lines=7):
+def sample_sheet(images, generated, references, path, tile_px=192, text_lines=8):
     """A PNG grid: each image above its generated (gen) and reference (ref) caption."""
     from PIL import Image, ImageDraw
     cols = min(4, len(images))
@@ -428,11 +428,11 @@ def sample_sheet(images, generated, references, path, tile_px=192, text_lines=7)
         x, y = (k % cols) * tile_px, (k // cols) * (tile_px + text_px)
         pixels = (img.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
         sheet.paste(Image.fromarray(pixels).resize((tile_px - 8, tile_px - 8)), (x + 4, y + 4))
-        # the default bitmap font is about 6 px per character; long references are cut
-        width = tile_px // 6 - 1
-        lines = ([(line, (0, 0, 160)) for line in textwrap.wrap(f"gen: {gen}", width)]
-                 + [(line, "black") for line in textwrap.wrap(f"ref: {ref}", width)])
-        for n, (line, colour) in enumerate(lines[:text_lines]):
+        # the default bitmap font is about 6 px per character; each caption gets half the lines
+        width, half = tile_px // 6 - 1, text_lines // 2
+        lines = ([(line, (0, 0, 160)) for line in textwrap.wrap(f"gen: {gen}", width, max_lines=half, placeholder=" ...")]
+                 + [(line, "black") for line in textwrap.wrap(f"ref: {ref}", width, max_lines=half, placeholder=" ...")])
+        for n, (line, colour) in enumerate(lines):
             draw.text((x + 4, y + tile_px + n * line_px), line, fill=colour)
     sheet.save(path)
 
