@@ -11,3 +11,5 @@ epochs = 40
 warmup_epochs = 4.0
 batch_size = 128
 lr = 5e-4
+head_features = "cls"
+crop_scale_min = 0.5

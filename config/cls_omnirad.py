@@ -12,3 +12,5 @@ weight_decay = 0.01
 grad_clip = 1.0
 vit_size = "small"   # used only without --init_from
 patch_size = 14
+head_features = "cls"
+crop_scale_min = 0.5
