@@ -12,9 +12,10 @@ CONFIG_TYPES = (int, float, bool, str, tuple, type(None))
 
 
 def config_keys(namespace):
-    """The names a user may set: the script's simple-typed, non-underscore globals."""
+    """The names a user may set: the script's simple-typed globals, except _private and
+    UPPER_CASE constants (tables of choices, not settings)."""
     return [k for k, v in namespace.items()
-            if not k.startswith("_") and isinstance(v, CONFIG_TYPES) and not callable(v)]
+            if not k.startswith("_") and not k.isupper() and isinstance(v, CONFIG_TYPES)]
 
 
 def parse_value(text):

@@ -52,3 +52,9 @@ def test_config_file_with_unknown_key_names_the_file(tmp_path):
 def test_missing_config_file_is_a_clear_error():
     with pytest.raises(FileNotFoundError, match="nope.py"):
         configure(defaults(), ["config/nope.py"])
+
+
+def test_upper_case_constants_are_not_settings():
+    ns = dict(defaults(), MODES=("full", "head"))
+    with pytest.raises(KeyError, match="MODES"):
+        configure(ns, ["--MODES=('x',)"])
