@@ -8,9 +8,11 @@ METEOR, BLEU, BLEU-1..4 and ROUGE-L (hand-written below, checked against sacrebl
     python caption.py config/caption_omnirad.py --data=roco/captions.csv --init_from=omnirad_base.safetensors \\
         --bart_init=bart-base/ --tokenizer=bart-base/tokenizer.json
 
-The no-argument defaults are a CPU smoke recipe (tiny models, lr 1e-3, 64 px); the paper's recipe
-(ViT-B/14 at 224 px, BART-base, AdamW lr 5e-5, 20 epochs, effective batch 64, bf16 on CUDA) is
-config/caption_omnirad.py. Writes to out_dir: results.json, table.md (Table 12's layout),
+The no-argument defaults are a CPU smoke recipe (tiny models, lr 1e-3, batch 16, K 16, 64 px); the
+paper's recipe (ViT-B/14 at 224 px, BART-base, AdamW lr 5e-5, 20 epochs, effective batch 64, bf16 on
+CUDA) is config/caption_omnirad.py. Captioning only reads what the frozen encoder shows: a random-init
+ViT's tokens do not reveal the phantoms' lesions (its linear probe is near chance), so that run ends at
+the constant-caption baseline, which results.json and table.md report beside the model. Writes to out_dir: results.json, table.md (Table 12's layout),
 samples.png, captioner.safetensors (+ .json) and tokenizer.json.
 """
 import json
