@@ -11,8 +11,8 @@ METEOR, BLEU, BLEU-1..4 and ROUGE-L (hand-written below, checked against sacrebl
 The no-argument defaults are a CPU smoke recipe (tiny models, lr 1e-3, batch 16, K 16, 64 px); the
 paper's recipe (ViT-B/14 at 224 px, BART-base, AdamW lr 5e-5, 20 epochs, effective batch 64, bf16 on
 CUDA) is config/caption_omnirad.py. Captioning only reads what the frozen encoder shows: a random-init
-ViT's tokens do not reveal the phantoms' lesions (its linear probe is near chance), so that run ends at
-the constant-caption baseline, which results.json and table.md report beside the model. Writes to out_dir: results.json, table.md (Table 12's layout),
+ViT's patch tokens barely show the phantoms' small lesions, and that run ends at the constant-caption
+baseline, which results.json and table.md report beside the model's rows. Writes to out_dir: results.json, table.md (Table 12's layout),
 samples.png, captioner.safetensors (+ .json) and tokenizer.json.
 """
 import json
