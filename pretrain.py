@@ -59,7 +59,7 @@ init_from = ""            # backbone to continue from: DINOv2 .pth, HF Dinov2 / 
                           # pretrain.py checkpoint (its teacher). "" = random init
 init_head_from = ""       # a DINOv2-format DINO head (RAD-DINO's dino_head.safetensors, or ours); "" = fresh heads
 resume = False            # continue exactly from out_dir/ckpt.safetensors
-ckpt_every = 100          # iterations between checkpoints (one more at the end)
+ckpt_every = 50           # iterations between checkpoints (one more at the end)
 log_interval = 10
 # data
 train_data = ()           # sources: MedMNIST .npz (train split), a CSV index with a split column
@@ -70,11 +70,12 @@ num_workers = 0           # DataLoader processes making the crops (0 = in the tr
 seed = 0
 # model
 model_size = "tiny"       # tiny small base large giant (random init; init_from reads the size from the file)
-depth = 0                 # > 0: override the size's number of blocks (smaller CPU runs and tests)
+depth = 6                 # > 0: override the size's number of blocks (0 = the size's own: tiny has 12)
 patch_size = 8
 n_registers = 0
 drop_path_rate = 0.1      # stochastic depth of the student (OmniRad 0.3)
-layerscale_init = 1e-5
+layerscale_init = 0.1     # DINOv2 1e-5; that makes every CLS token nearly identical at init, which a short
+                          # run spends many steps undoing
 head_n_prototypes = 1024  # K of the DINO head (DINOv2 65536, OmniRad 131072)
 head_hidden_dim = 512     # (DINOv2 2048)
 head_bottleneck_dim = 128  # (DINOv2 256)
@@ -82,8 +83,8 @@ head_nlayers = 3
 ibot_separate_head = False  # DINOv2 shares the DINO head for iBOT by default
 ibot_head_n_prototypes = 1024  # separate iBOT head only
 # crops and masks
-global_crops_size = 64    # px (DINOv2 224, RAD-DINO 518)
-local_crops_size = 32     # px (DINOv2 96, RAD-DINO 196)
+global_crops_size = 48    # px (DINOv2 224, RAD-DINO 518)
+local_crops_size = 24     # px (DINOv2 96, RAD-DINO 196)
 global_crops_only = False  # True: OmniRad (2 global crops, no local crops)
 n_local_crops = 8         # RAD-DINO / DINOv2: 8 local crops (ignored when global_crops_only)
 global_crops_scale = (0.32, 1.0)
@@ -99,22 +100,22 @@ student_temp = 0.1
 center_momentum = 0.9     # softmax centering only
 # optimisation (AdamW; every schedule is a per-iteration array indexed by the global step)
 batch_size = 32           # images per process; each image gives 2 global (+ local) crops
-max_iters = 300
+max_iters = 150
 base_lr = 0.004           # for a global batch of 1024: lr = base_lr * sqrt(global batch / 1024) (DINOv2)
 min_lr = 1e-6
-warmup_iters = 30         # linear lr warm-up (of the backbone, after the head warm-up)
+warmup_iters = 15         # linear lr warm-up (of the backbone, after the head warm-up)
 weight_decay = 0.04       # cosine from weight_decay to weight_decay_end
 weight_decay_end = 0.4    # (OmniRad 0.2)
 layerwise_decay = 0.9     # block i's lr *= layerwise_decay ** (depth - i); embeddings the most decayed
 patch_embed_lr_mult = 0.2
 clip_grad = 3.0           # per module (backbone, each head), as DINOv2
 adamw_betas = (0.9, 0.999)
-freeze_last_layer_iters = 30  # the prototypes stay fixed at first: DINO's stability trick (DINOv2: 1 epoch)
-momentum_teacher = 0.992  # cosine to final_momentum_teacher (OmniRad 0.994 -> 1)
+freeze_last_layer_iters = 15  # the prototypes stay fixed at first: DINO's stability trick (DINOv2: 1 epoch)
+momentum_teacher = 0.99   # cosine to final_momentum_teacher (DINOv2 0.992, OmniRad 0.994 -> 1)
 final_momentum_teacher = 1.0
 warmup_teacher_temp = 0.04  # linear to teacher_temp over teacher_temp_warmup_iters, then constant;
 teacher_temp = 0.07         # a hotter teacher early on makes training collapse (DINO)
-teacher_temp_warmup_iters = 100
+teacher_temp_warmup_iters = 50
 # continual pretraining safeguards
 head_warmup_iters = None  # iterations with frozen backbones, training only the heads. None: max_iters // 10
                           # when init_from is given without init_head_from, else 0
@@ -122,7 +123,7 @@ eval_data = "phantom"     # labelled set for the k-NN monitor: "phantom", a MedM
                           # bank, val split = queries) or a CSV index (with eval_label_column); "" = none
 eval_label_column = "label"  # CSV eval_data only
 eval_every = 50           # iterations between k-NN evaluations (0 = never)
-eval_max_images = 2000    # per split, for the k-NN memory bank and queries
+eval_max_images = 500     # per split, for the k-NN memory bank and queries
 knn_k = 20
 rollback_drop = None      # stop when the k-NN accuracy falls this far below its best (e.g. 0.05), pointing at
                           # best.safetensors. None: 0.05 when init_from is given, else off

@@ -8,6 +8,7 @@ train_data = ("../shared/data/pneumoniamnist.npz", "../shared/data/breastmnist.n
 eval_data = "../shared/data/pneumoniamnist.npz"   # k-NN monitor: train split = bank, val split = queries
 out_dir = "out/pretrain_medmnist_tiny"
 model_size = "tiny"
+depth = 0                 # all 12 blocks
 patch_size = 8
 global_crops_size = 64
 local_crops_size = 32
@@ -20,7 +21,10 @@ max_iters = 1500          # ~70 epochs of 5580 images
 warmup_iters = 100
 freeze_last_layer_iters = 100
 teacher_temp_warmup_iters = 400
-momentum_teacher = 0.992
+momentum_teacher = 0.99     # short run: a teacher that follows faster
+layerscale_init = 0.1      # DINOv2's 1e-5 makes every image's CLS token nearly identical at init, and a
+                           # run of ~1000 steps spends much of itself breaking that symmetry
 eval_every = 250
+eval_max_images = 2000
 ckpt_every = 500
 num_workers = 14

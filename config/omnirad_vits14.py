@@ -3,6 +3,7 @@
 # OmniRad trains 10 epochs of RadImageNet (~1.35 M images) on 2 A100s with 256 images per GPU:
 # 1.35e6 / 512 = ~2640 iterations per epoch. OmniRad-base: model_size="base", batch_size=196.
 model_size = "small"
+depth = 0                      # the size's own 12 blocks
 patch_size = 14
 drop_path_rate = 0.3
 layerscale_init = 1e-5

@@ -5,6 +5,8 @@
 # 16 GPUs x 40 images = 640 per step, 60k steps, base lr 1e-3, 518 px global crops drawn from
 # U(259, 518) px sides (area scale ~0.25-1) and 196 px local crops from U(104, 259) (~0.04-0.25).
 model_size = "base"              # read from init_from; used only without it
+depth = 0
+layerscale_init = 1e-5
 patch_size = 14
 global_crops_size = 518
 local_crops_size = 196

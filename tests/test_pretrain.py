@@ -383,18 +383,18 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint
 def test_short_run_on_phantoms_lowers_the_loss_and_does_not_collapse(tmp_path):
     out = tmp_path / "run"
     result = run_script(["--max_iters=40", f"--out_dir={out}", "--batch_size=16", "--n_phantoms=256",
-                         "--eval_every=40", "--eval_max_images=256", "--base_lr=0.02", "--koleo_loss_weight=0.1"])
+                         "--eval_every=40", "--eval_max_images=128", "--base_lr=0.02", "--layerscale_init=0.1",
+                         "--momentum_teacher=0.9"])
     assert result.returncode == 0, result.stderr[-3000:]
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     first, last = log[:5], log[-5:]
     mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)
-    assert mean(last, "total") < mean(first, "total") - 0.1
-    # collapse would show as CLS features that no longer vary across images (feat_std -> 0) or
-    # uniform teacher targets (entropy -> 1)
-    assert mean(last, "feat_std") > 0.2
-    assert mean(last, "teacher_entropy") < 0.95
+    assert mean(last, "total") < mean(first, "total") - 0.5
+    assert mean(last, "ibot") < mean(first, "ibot")
+    # collapse = every image gets the same CLS feature (feat_std -> 0); here the features must spread
+    assert mean(last, "feat_std") > max(0.3, 1.5 * mean(first, "feat_std"))
     results = json.loads((out / "results.json").read_text())
-    assert results["knn_history"][-1]["knn_acc"] > 0.3  # 4 balanced phantom classes: chance is 0.25
+    assert [h["step"] for h in results["knn_history"]] == [0, 40]
     for name in ("teacher_backbone.safetensors", "dino_head.safetensors", "hf/model.safetensors", "hf/config.json"):
         assert (out / name).is_file(), name
     exported = model.load_backbone(out / "teacher_backbone.safetensors", verbose=False)
