@@ -156,6 +156,16 @@ def all_reduce_sum(x):
     return x
 
 
+def same_on_all_ranks(value):
+    """Rank 0's float everywhere: decisions taken on it (best checkpoint, stop) must agree across ranks."""
+    if not distributed():
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64,
+                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.broadcast(t, src=0)
+    return float(t.item())
+
+
 def average_gradients(params):
     """Data parallelism: every rank ends with the mean of all ranks' gradients. One flat all-reduce
     instead of DDP's hooks, because the backbone runs twice per step (global and local crops) and
@@ -912,7 +922,8 @@ if __name__ == "__main__":
         """k-NN score + drift, logged; saves best.safetensors; True when the guard rail says stop."""
         bank, query, n_classes = eval_sets
         score, stop = evaluate_and_guard(
-            step, lambda: knn_accuracy(teacher["backbone"], bank, query, n_classes, knn_k, device, autocast), guard,
+            step, lambda: same_on_all_ranks(knn_accuracy(teacher["backbone"], bank, query, n_classes, knn_k, device,
+                                                         autocast)), guard,
             lambda: save_checkpoint(out / "best.safetensors", student, teacher, optimizer, centers, checkpoint_state(step)))
         drift = drift_report(teacher["backbone"], initial_backbone, initial_feats, drift_images, device, autocast)
         history.append({"step": step, "knn_acc": score, "feature_cos": drift["feature_cos"], "cka": drift["cka"]})
