@@ -785,6 +785,8 @@ if __name__ == "__main__":
     config = configure(globals())
 
     # -------------------------------------------------------------------- checks, before any work
+    if dtype not in ("bfloat16", "float32"):  # float16 would need a gradient scaler
+        raise ValueError(f"dtype: expected 'bfloat16' or 'float32', found {dtype!r}")
     if centering not in ("sinkhorn_knopp", "centering"):
         raise ValueError(f"centering: expected 'sinkhorn_knopp' or 'centering', found {centering!r}")
     for key, value in (("global_crops_size", global_crops_size), ("local_crops_size", local_crops_size)):
@@ -817,8 +819,7 @@ if __name__ == "__main__":
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
-        autocast = lambda: torch.autocast("cuda", dtype=amp_dtype, enabled=amp_dtype != torch.float32)
+        autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     else:
         autocast = nullcontext  # CPU runs fp32: exact and reproducible
     out = Path(out_dir)
