@@ -542,7 +542,7 @@ def format_duration(seconds):
 
 # ----------------------------------------------------------------------------------------------
 # Config. The defaults are a quick run on the procedural phantoms (a random-init ViT-tiny/8 at 64 px,
-# about a minute on 2 CPU cores) with OmniRad's optimiser settings (AdamW, lr 1e-4, wd 1e-4,
+# about 1.5 min on 2 CPU cores, 1 thread) with OmniRad's optimiser settings (AdamW, lr 1e-4, wd 1e-4,
 # batch 16, 20 epochs). The full OmniRad recipe (448 px, patch 14, ViT-S) is config/seg_omnirad_vits14.py.
 # ----------------------------------------------------------------------------------------------
 # data
