@@ -413,7 +413,7 @@ def format_table(rows, encoder_name, baseline):
     for row in rows:
         lines.append(f"| {encoder_name} | {row['beams']} | {row['max_tokens']} | "
                      + " | ".join(f"{row[c]:.2f}" for c in cols) + " |")
-    lines.append(f"| constant caption (no image) | - | - | " + " | ".join(f"{baseline[c]:.2f}" for c in cols) + " |")
+    lines.append("| constant caption (no image) | - | - | " + " | ".join(f"{baseline[c]:.2f}" for c in cols) + " |")
     return "\n".join(lines)
 
 

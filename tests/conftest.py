@@ -2,6 +2,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -22,3 +23,12 @@ def data_dir():
     if not path.is_dir():
         pytest.skip(f"real data not found at {path} (it lives in ../shared/data beside the repo)")
     return path
+
+
+@pytest.fixture(autouse=True)
+def one_cpu_thread():
+    """Small ops on a shared 2-core CPU run 10-30x slower with two OpenMP threads fighting for it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

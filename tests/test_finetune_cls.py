@@ -18,15 +18,6 @@ from finetune_cls import (Classifier, LoRALinear, accuracy, auprc_per_class, ave
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    # on a shared, oversubscribed CPU, OpenMP threads slow small ops down by an order of magnitude
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------- metrics, by hand
 
 

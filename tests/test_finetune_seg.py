@@ -10,20 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-import data
 import finetune_seg as fs
 from model import ViT, ViTConfig
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    """Two OpenMP threads on a busy shared 2-core CPU stall 10-30x; one thread keeps this file fast."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_vit(patch_size=14, depth=4, seed=0):
