@@ -59,7 +59,7 @@ init_from = ""            # backbone to continue from: DINOv2 .pth, HF Dinov2 / 
                           # pretrain.py checkpoint (its teacher). "" = random init
 init_head_from = ""       # a DINOv2-format DINO head (RAD-DINO's dino_head.safetensors, or ours); "" = fresh heads
 resume = False            # continue exactly from out_dir/ckpt.safetensors
-ckpt_every = 50           # iterations between checkpoints (one more at the end)
+ckpt_every = 40           # iterations between checkpoints (one more at the end)
 log_interval = 10
 # data
 train_data = ()           # sources: MedMNIST .npz (train split), a CSV index with a split column
@@ -100,7 +100,7 @@ student_temp = 0.1
 center_momentum = 0.9     # softmax centering only
 # optimisation (AdamW; every schedule is a per-iteration array indexed by the global step)
 batch_size = 32           # images per process; each image gives 2 global (+ local) crops
-max_iters = 150
+max_iters = 120
 base_lr = 0.004           # for a global batch of 1024: lr = base_lr * sqrt(global batch / 1024) (DINOv2)
 min_lr = 1e-6
 warmup_iters = 15         # linear lr warm-up (of the backbone, after the head warm-up)
@@ -115,14 +115,14 @@ momentum_teacher = 0.99   # cosine to final_momentum_teacher (DINOv2 0.992, Omni
 final_momentum_teacher = 1.0
 warmup_teacher_temp = 0.04  # linear to teacher_temp over teacher_temp_warmup_iters, then constant;
 teacher_temp = 0.07         # a hotter teacher early on makes training collapse (DINO)
-teacher_temp_warmup_iters = 50
+teacher_temp_warmup_iters = 40
 # continual pretraining safeguards
 head_warmup_iters = None  # iterations with frozen backbones, training only the heads. None: max_iters // 10
                           # when init_from is given without init_head_from, else 0
 eval_data = "phantom"     # labelled set for the k-NN monitor: "phantom", a MedMNIST .npz (train split = memory
                           # bank, val split = queries) or a CSV index (with eval_label_column); "" = none
 eval_label_column = "label"  # CSV eval_data only
-eval_every = 50           # iterations between k-NN evaluations (0 = never)
+eval_every = 40           # iterations between k-NN evaluations (0 = never)
 eval_max_images = 500     # per split, for the k-NN memory bank and queries
 knn_k = 20
 rollback_drop = None      # stop when the k-NN accuracy falls this far below its best (e.g. 0.05), pointing at
