@@ -329,9 +329,11 @@ def read_state_dict(path):
 
 
 def strip_prefix(state):
-    """Accept checkpoints that wrap the backbone (`teacher.backbone.`, `backbone.`, `dinov2.`)."""
+    """The backbone's tensors from a checkpoint that wraps it with heads and other networks
+    (a DINOv2 training checkpoint's `teacher.backbone.*` beside `teacher.dino_head.*`, a
+    `Dinov2ForImageClassification`'s `dinov2.*` beside `classifier.*`, DDP's `module.*`)."""
     for prefix in ("teacher.backbone.", "student.backbone.", "backbone.", "dinov2.", "module."):
-        if state and all(k.startswith(prefix) for k in state if not k.startswith(("head.", "classifier."))):
+        if any(k in state for k in (prefix + "cls_token", prefix + "embeddings.cls_token")):
             return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     return state
 

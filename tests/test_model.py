@@ -187,3 +187,15 @@ def test_dino_head_matches_dinov2(oracles_dir, tmp_path):
     # weight_g is loaded as stored (the oracle set it away from 1), not reset
     assert torch.equal(head.last_layer.weight_g, weights["last_layer.weight_g"])
     assert max_err(head(tensors["input.x"]), tensors["out.logits"]) < TOL
+
+
+@torch.no_grad()
+def test_backbone_loads_from_a_dinov2_training_checkpoint_with_heads(oracles_dir, tmp_path):
+    tensors, weights = oracle(oracles_dir, "dinov2_vit_official")
+    # DINOv2's training checkpoints: {"teacher": {"backbone.*", "dino_head.*", "ibot_head.*"}, ...}
+    checkpoint = {f"backbone.{k}": v for k, v in weights.items()}
+    checkpoint["dino_head.mlp.0.weight"] = torch.zeros(8, 192)
+    torch.save({"teacher": checkpoint}, tmp_path / "training_checkpoint.pth")
+    model = load_backbone(tmp_path / "training_checkpoint.pth").eval()
+    out = model.forward_features(tensors["input.x224"])
+    assert max_err(out["x_norm_clstoken"], tensors["out224.cls"]) < TOL
