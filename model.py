@@ -346,39 +346,47 @@ def rename_prefix(name, mapping):
     return None
 
 
+# official DINOv2 name -> HuggingFace Dinov2 name: one table serves loading (inverted) and export
+HF_TOP_LEVEL_NAMES = {
+    "cls_token": "embeddings.cls_token",
+    "mask_token": "embeddings.mask_token",
+    "register_tokens": "embeddings.register_tokens",
+    "pos_embed": "embeddings.position_embeddings",
+    "patch_embed.proj": "embeddings.patch_embeddings.projection",
+    "norm": "layernorm",
+}
+HF_BLOCK_NAMES = {  # inside blocks.N. / encoder.layer.N.; qkv is split into query/key/value separately
+    "norm1": "norm1", "norm2": "norm2", "attn.proj": "attention.output.dense",
+    "ls1.gamma": "layer_scale1.lambda1", "ls2.gamma": "layer_scale2.lambda1",
+    "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2", "mlp.w12": "mlp.weights_in", "mlp.w3": "mlp.weights_out",
+}
+HF_QKV = ("query", "key", "value")
+
+
 def hf_to_official(state):
     """HuggingFace Dinov2 key names -> official DINOv2 names (q, k, v fused back into qkv)."""
-    out = {
-        "cls_token": state["embeddings.cls_token"],
-        "mask_token": state["embeddings.mask_token"],
-        "pos_embed": state["embeddings.position_embeddings"],
-        "patch_embed.proj.weight": state["embeddings.patch_embeddings.projection.weight"],
-        "patch_embed.proj.bias": state["embeddings.patch_embeddings.projection.bias"],
-        "norm.weight": state["layernorm.weight"],
-        "norm.bias": state["layernorm.bias"],
-    }
-    if "embeddings.register_tokens" in state:
-        out["register_tokens"] = state["embeddings.register_tokens"]
-    rename = {"norm1": "norm1", "norm2": "norm2", "attention.output.dense": "attn.proj",
-              "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma",
-              "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2", "mlp.weights_in": "mlp.w12", "mlp.weights_out": "mlp.w3"}
-    consumed = {k for k in state if k.startswith("embeddings.") or k.startswith("layernorm.")}
+    top_level = {hf: ours for ours, hf in HF_TOP_LEVEL_NAMES.items()}
+    block = {hf: ours for ours, hf in HF_BLOCK_NAMES.items()}
+    out, consumed = {}, set()
+    for key, value in state.items():
+        renamed = rename_prefix(key, top_level)
+        if renamed is not None:
+            out[renamed] = value
+            consumed.add(key)
     depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layer."))
     for i in range(depth):
         hf, ours = f"encoder.layer.{i}.", f"blocks.{i}."
         for kind in ("weight", "bias"):
-            qkv = [state.get(f"{hf}attention.attention.{n}.{kind}") for n in ("query", "key", "value")]
-            if all(t is not None for t in qkv):
-                out[f"{ours}attn.qkv.{kind}"] = torch.cat(qkv, dim=0)
-                consumed.update(f"{hf}attention.attention.{n}.{kind}" for n in ("query", "key", "value"))
+            qkv_keys = [f"{hf}attention.attention.{n}.{kind}" for n in HF_QKV]
+            if all(k in state for k in qkv_keys):
+                out[f"{ours}attn.qkv.{kind}"] = torch.cat([state[k] for k in qkv_keys], dim=0)
+                consumed.update(qkv_keys)
         for key in state:
-            if not key.startswith(hf) or key in consumed:
-                continue
-            rest = key[len(hf):]
-            renamed = rename_prefix(rest, rename)
-            if renamed is not None:
-                out[ours + renamed] = state[key]
-                consumed.add(key)
+            if key.startswith(hf) and key not in consumed:
+                renamed = rename_prefix(key[len(hf):], block)
+                if renamed is not None:
+                    out[ours + renamed] = state[key]
+                    consumed.add(key)
     unknown = sorted(set(state) - consumed)
     if unknown:
         raise KeyError(f"unexpected keys in HuggingFace Dinov2 checkpoint: {unknown[:8]}")
@@ -387,20 +395,14 @@ def hf_to_official(state):
 
 def official_to_hf(state, depth):
     """Official DINOv2 key names -> HuggingFace Dinov2 names (qkv split into query/key/value)."""
-    out = {
-        "embeddings.cls_token": state["cls_token"],
-        "embeddings.mask_token": state["mask_token"],
-        "embeddings.position_embeddings": state["pos_embed"],
-        "embeddings.patch_embeddings.projection.weight": state["patch_embed.proj.weight"],
-        "embeddings.patch_embeddings.projection.bias": state["patch_embed.proj.bias"],
-        "layernorm.weight": state["norm.weight"],
-        "layernorm.bias": state["norm.bias"],
-    }
-    if "register_tokens" in state:
-        out["embeddings.register_tokens"] = state["register_tokens"]
-    rename = {"norm1": "norm1", "norm2": "norm2", "attn.proj": "attention.output.dense",
-              "ls1.gamma": "layer_scale1.lambda1", "ls2.gamma": "layer_scale2.lambda1",
-              "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2", "mlp.w12": "mlp.weights_in", "mlp.w3": "mlp.weights_out"}
+    out = {}
+    for key, value in state.items():
+        if key.startswith("blocks."):
+            continue
+        renamed = rename_prefix(key, HF_TOP_LEVEL_NAMES)
+        if renamed is None:
+            raise KeyError(f"no HuggingFace name for '{key}'")
+        out[renamed] = value
     for i in range(depth):
         ours, hf = f"blocks.{i}.", f"encoder.layer.{i}."
         for key, value in state.items():
@@ -409,10 +411,10 @@ def official_to_hf(state, depth):
             rest = key[len(ours):]
             if rest.startswith("attn.qkv."):
                 kind = rest.rsplit(".", 1)[1]
-                for name, part in zip(("query", "key", "value"), value.chunk(3, dim=0)):
+                for name, part in zip(HF_QKV, value.chunk(3, dim=0)):
                     out[f"{hf}attention.attention.{name}.{kind}"] = part
                 continue
-            renamed = rename_prefix(rest, rename)
+            renamed = rename_prefix(rest, HF_BLOCK_NAMES)
             if renamed is None:
                 raise KeyError(f"no HuggingFace name for '{key}'")
             out[hf + renamed] = value
