@@ -492,16 +492,21 @@ def save_scatter(points, labels, class_names, path, title, size_px=520):
     canvas.save(path)
 
 
-def save_attention_figure(image, maps, path, panel_px=160):
-    """The image, then one panel per head of its CLS attention (h, w)."""
+def save_panel_row(panels, titles, panel_px, path):
+    """Square pillow panels side by side, each under a one-line title."""
     from PIL import Image, ImageDraw
-    panels = [image_panel(image, panel_px)] + [heat_panel(m, panel_px) for m in maps]
     canvas = Image.new("RGB", (panel_px * len(panels), panel_px + 16), "white")
     draw = ImageDraw.Draw(canvas)
-    for i, panel in enumerate(panels):
+    for i, (panel, title) in enumerate(zip(panels, titles)):
         canvas.paste(panel, (i * panel_px, 16))
-        draw.text((i * panel_px + 4, 2), "image" if i == 0 else f"head {i - 1}", fill="black")
+        draw.text((i * panel_px + 4, 2), title, fill="black")
     canvas.save(path)
+
+
+def save_attention_figure(image, maps, path, panel_px=160):
+    """The image, then one panel per head of its CLS attention (h, w)."""
+    panels = [image_panel(image, panel_px)] + [heat_panel(m, panel_px) for m in maps]
+    save_panel_row(panels, ["image"] + [f"head {h}" for h in range(len(maps))], panel_px, path)
 
 
 def save_similarity_figure(image_a, image_b, sims, query_patches, patch_size, path, panel_px=160):
@@ -526,12 +531,7 @@ def save_similarity_figure(image_a, image_b, sims, query_patches, patch_size, pa
         best = np.unravel_index(int(np.argmax(sim)), sim.shape)  # the best match, ringed in the query's colour
         circle(ImageDraw.Draw(panel), best, PALETTE[q % len(PALETTE)])
         panels.append(panel)
-    canvas = Image.new("RGB", (panel_px * len(panels), panel_px + 16), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, panel in enumerate(panels):
-        canvas.paste(panel, (i * panel_px, 16))
-        draw.text((i * panel_px + 4, 2), "query" if i == 0 else f"target, landmark {i}", fill="black")
-    canvas.save(path)
+    save_panel_row(panels, ["query"] + [f"target, landmark {i}" for i in range(1, len(panels))], panel_px, path)
 
 
 # ----------------------------------------------------------------------------------------------
