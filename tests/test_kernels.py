@@ -21,7 +21,7 @@ from kernels.ema import ema_reference_, ema_triton_
 from kernels.sinkhorn import sinkhorn_knopp_reference, sinkhorn_knopp_triton
 
 REPO = Path(__file__).resolve().parents[1]
-LOSS_ORACLE = REPO.parent / "shared" / "oracles" / "dinov2_losses.safetensors"
+LOSS_ORACLE = "dinov2_losses.safetensors"  # in ../shared/oracles (the oracles_dir fixture)
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 triton_on_cpu = pytest.mark.skipif(not INTERPRETED, reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
@@ -43,10 +43,9 @@ def dinov2_sinkhorn_float64(teacher_logits, teacher_temp, n_samples=None, n_iter
     return Q.t()
 
 
-def loss_oracle():
-    if not LOSS_ORACLE.exists():
-        pytest.skip(f"oracle {LOSS_ORACLE} not found (expected ../shared/oracles beside the repo)")
-    with safe_open(str(LOSS_ORACLE), "pt") as f:
+@pytest.fixture(scope="module")
+def loss_oracle(oracles_dir):
+    with safe_open(str(oracles_dir / LOSS_ORACLE), "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
@@ -113,9 +112,9 @@ def test_sinkhorn_triton_matches_reference(B, K):
 
 @pytest.mark.parametrize("fn", [sinkhorn_knopp_reference, pytest.param(sinkhorn_knopp_triton, marks=triton_on_cpu)])
 @pytest.mark.parametrize("head", ["dino", "ibot"])
-def test_sinkhorn_matches_dinov2_float64_on_oracle_logits(fn, head):
+def test_sinkhorn_matches_dinov2_float64_on_oracle_logits(fn, head, loss_oracle):
     # the oracle's logits reach |t| = 12 with temp 0.04: float32 DINOv2 overflows here (exp(311))
-    oracle = loss_oracle()
+    oracle = loss_oracle
     t = oracle[f"{head}.teacher_logits"]
     n_samples = t.shape[0]  # iBOT: the number of masked patches, all of them on this one rank
     out = fn(t, 0.04, n_samples_total=n_samples)
@@ -123,11 +122,11 @@ def test_sinkhorn_matches_dinov2_float64_on_oracle_logits(fn, head):
 
 
 @pytest.mark.parametrize("head", ["dino", "ibot"])
-def test_sinkhorn_matches_oracle_file(head):
-    oracle = loss_oracle()
+def test_sinkhorn_matches_oracle_file(head, loss_oracle):
+    oracle = loss_oracle
     expected = oracle[f"{head}.sinkhorn_teacher_probs"]
     if not torch.isfinite(expected).all():
-        pytest.skip(f"{LOSS_ORACLE.name}: '{head}.sinkhorn_teacher_probs' holds NaN (DINOv2's float32 exp "
+        pytest.skip(f"{LOSS_ORACLE}: '{head}.sinkhorn_teacher_probs' holds NaN (DINOv2's float32 exp "
                     "overflows on its logits); test_sinkhorn_matches_dinov2_float64_on_oracle_logits covers it")
     out = kernels.sinkhorn_knopp(oracle[f"{head}.teacher_logits"], 0.04)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
@@ -201,9 +200,9 @@ def test_softmax_center_triton_matches_reference(B, K):
 
 
 @pytest.mark.parametrize("fn", [softmax_center_reference, pytest.param(softmax_center_triton, marks=triton_on_cpu)])
-def test_softmax_center_with_momentum_matches_dinov2_oracle_over_three_steps(fn):
+def test_softmax_center_with_momentum_matches_dinov2_oracle_over_three_steps(fn, loss_oracle):
     # step s centres logits + s with the center updated through step s - 1, then updates it
-    oracle = loss_oracle()
+    oracle = loss_oracle
     t = oracle["dino.teacher_logits"]
     center = torch.zeros(1, t.shape[1])
     for step in range(3):
