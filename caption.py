@@ -8,11 +8,16 @@ METEOR, BLEU, BLEU-1..4 and ROUGE-L (hand-written below, checked against sacrebl
     python caption.py config/caption_omnirad.py --data=roco/captions.csv --init_from=omnirad_base.safetensors \\
         --bart_init=bart-base/ --tokenizer=bart-base/tokenizer.json
 
-The no-argument defaults are a CPU smoke recipe (tiny models, lr 1e-3, batch 16, K 16, 64 px); the
-paper's recipe (ViT-B/14 at 224 px, BART-base, AdamW lr 5e-5, 20 epochs, effective batch 64, bf16 on
-CUDA) is config/caption_omnirad.py. Captioning only reads what the frozen encoder shows: a random-init
-ViT's patch tokens barely show the phantoms' small lesions, and that run ends at the constant-caption
-baseline, which results.json and table.md report beside the model's rows. Writes to out_dir: results.json, table.md (Table 12's layout),
+The no-argument defaults are a CPU smoke recipe (tiny models, 3000 phantoms at 64 px, lr 1e-3 with 100
+warm-up steps, batch 32, 12 epochs, K 16); the paper's recipe (ViT-B/14 at 224 px, BART-base, AdamW lr
+5e-5, 20 epochs, effective batch 64, bf16 on CUDA) is config/caption_omnirad.py. Captioning only reads
+what the frozen encoder shows. The random-init ViT's tokens do hold the phantom class (a per-token MLP
+with max pooling reads it at 86% on held-out phantoms), but the bridge is linear per token and the
+signal sits in about one patch of 64, so the smoke recipe departs from DINOv2/OmniRad init in two
+documented places: LayerScale 1.0 for the random ViT and sharper Patch Merger queries (query_std).
+Even so the random-init run is fragile: seed 0 reaches BLEU-4 ~39 against the constant caption's 25.6,
+other seeds can end at or below the constant caption. results.json and table.md report that baseline
+beside the model's rows. Writes to out_dir: results.json, table.md (Table 12's layout),
 samples.png, captioner.safetensors (+ .json) and tokenizer.json.
 """
 import json
@@ -38,25 +43,33 @@ image_column = "image"
 caption_column = "caption"
 train_split = "train"        # CSV/JSONL: the `split` values used for training and for the results table
 test_split = "test"
-phantom_sizes = (600, 100)   # phantom train, test
+phantom_sizes = (3000, 100)  # phantom train, test: phantoms cost nothing, and with 600 the prefix overfits
+                             # (a lesion probe on the frozen tokens: 57% on held-out images vs 74% at 3000)
 img_size = 64                # images are centre-cropped to a square and resized to this
 init_from = ""               # frozen ViT weights, any file model.load_backbone reads; "" = RANDOM INIT
 arch = "tiny"                # random init only: ViT size and patch
 patch_size = 8
+layerscale_init = 1.0        # random init only. DINOv2's 1e-5 makes a random ViT's blocks no-ops, so its
+                             # tokens are LN(linear patch embedding): block 0 and block 11 probe alike.
+                             # At 1.0 (plain ViT) the random blocks mix context into every token
 bart_size = "tiny"           # "tiny" | "base" | "large" (ignored when bart_init is given)
 bart_init = ""               # HuggingFace BART safetensors file or folder (e.g. facebook/bart-base); "" = random
 tokenizer = ""               # a tokenizer.json (e.g. BART's); "" = train byte-level BPE on the training captions
 bpe_vocab_size = 1000
 n_queries = 16               # K, the Patch Merger's output length (OmniRad: 64)
+query_std = 4.0              # Patch Merger query init: attention logits start with this std. At 1 every
+                             # query averages most patches and the captioner stays at the constant caption
 max_caption_tokens = 64      # training captions are cut to this many tokens, <s> and </s> included
 cache_vit_tokens = True      # the ViT is frozen and sees no augmentation: run it once per image
-epochs = 20
-batch_size = 16              # effective batch (OmniRad: 64) ...
-micro_batch_size = 16        # ... reached by gradient accumulation over micro batches
+epochs = 12
+batch_size = 32              # effective batch (OmniRad: 64) ...
+micro_batch_size = 32        # ... reached by gradient accumulation over micro batches
 lr = 1e-3                    # OmniRad fine-tunes a pretrained BART at 5e-5; a tiny random BART needs more,
                              # and more steps: at batch 64 it stays at the caption prior on the CPU budget
 weight_decay = 0.01
-warmup_steps = 20
+warmup_steps = 100           # BART is post-norm: at lr 1e-3 with 20 warm-up steps its encoder stops passing
+                             # the image on (a class probe through it stays at chance; 100 steps: 53%)
+dropout = 0.0                # random-init BART only (a bart_init keeps its config.json's, 0.1 for BART)
 grad_clip = 1.0
 beams = (1, 3, 5)            # the results table: every beams x max_tokens pair (OmniRad: 5 beams, 64 tokens)
 max_tokens = (32, 64)
@@ -488,20 +501,21 @@ if __name__ == "__main__":
     if init_from:
         vit = M.load_backbone(init_from)
     else:
-        vit = M.ViT(M.vit_config(arch, patch_size=patch_size, img_size=img_size))
-        print(f"ViT: RANDOM INIT ({arch}, patch {patch_size}) -- a baseline, not a pretrained encoder")
+        vit = M.ViT(M.vit_config(arch, patch_size=patch_size, img_size=img_size, layerscale_init=layerscale_init))
+        print(f"ViT: RANDOM INIT ({arch}, patch {patch_size}, LayerScale {layerscale_init}) -- a baseline, "
+              "not a pretrained encoder")
     if bart_init:
         bart = M.load_bart(bart_init)
         if tok.get_vocab_size() > bart.config.vocab_size:
             raise ValueError(f"tokenizer {tokenizer} has {tok.get_vocab_size()} tokens but BART {bart_init} "
                              f"only {bart.config.vocab_size} embeddings")
     else:
-        bart = M.Bart(M.bart_config(bart_size, vocab_size=tok.get_vocab_size(),
+        bart = M.Bart(M.bart_config(bart_size, vocab_size=tok.get_vocab_size(), dropout=dropout,
                                     max_position_embeddings=max(n_queries, max(max_tokens), max_caption_tokens), **ids))
     for name, value in ids.items():
         if getattr(bart.config, name) != value:
             raise ValueError(f"tokenizer {name}={value} but BART config has {getattr(bart.config, name)}")
-    model = M.Captioner(vit, bart, n_queries).to(device)
+    model = M.Captioner(vit, bart, n_queries, query_std).to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     print(f"model: ViT {sum(p.numel() for p in vit.parameters()):,} params (frozen), trainable "
           f"{sum(p.numel() for p in trainable):,} (projection + merger + BART d={bart.config.d_model})")

@@ -980,13 +980,16 @@ class VisualPrefix(nn.Module):
     queries Q, P = softmax(Q Z^T / sqrt(D)) Z. K is fixed, so BART's encoder sees the same short
     sequence whatever the image size."""
 
-    def __init__(self, vit_dim, d_model, n_queries=64):
+    def __init__(self, vit_dim, d_model, n_queries=64, query_std=1.0):
         super().__init__()
         self.proj = nn.Linear(vit_dim, d_model)
         self.norm = nn.LayerNorm(d_model)
-        # unit-scale queries (as the public Patch Merger code): at 0.02 every query would start as
-        # the same uniform average over patches, and the K outputs would be identical
-        self.queries = nn.Parameter(torch.randn(n_queries, d_model))
+        # Z is layer-normed, so the attention logits start with std = query_std. At 0.02 every query
+        # would start as the same uniform average over patches and the K outputs would be identical;
+        # at 1 (the public Patch Merger code) each output still averages most patches, so a lesion
+        # that fills 1 of 64 patches moves it by ~1/20 of its change; larger values start each query on
+        # a few patches (4.0: ~1/4, tests/test_caption.py)
+        self.queries = nn.Parameter(torch.randn(n_queries, d_model) * query_std)
 
     def forward(self, tokens):
         z = self.norm(self.proj(tokens))
@@ -998,10 +1001,10 @@ class Captioner(nn.Module):
     """Frozen ViT -> VisualPrefix -> BART encoder (as input embeddings) -> BART decoder. The ViT has
     requires_grad off and stays in eval mode; only the prefix and BART train."""
 
-    def __init__(self, vit, bart, n_queries=64):
+    def __init__(self, vit, bart, n_queries=64, query_std=1.0):
         super().__init__()
         self.vit = vit.requires_grad_(False).eval()
-        self.prefix = VisualPrefix(vit.embed_dim, bart.config.d_model, n_queries)
+        self.prefix = VisualPrefix(vit.embed_dim, bart.config.d_model, n_queries, query_std)
         self.bart = bart
 
     def train(self, mode=True):

@@ -9,3 +9,10 @@ max_caption_tokens = 64
 bpe_vocab_size = 2000
 beams = (1, 3, 5)
 max_tokens = (32, 64)
+# the recipe as measured before the phantom smoke defaults changed (issue #8); not re-tuned here
+batch_size = 16
+micro_batch_size = 16
+warmup_steps = 20
+dropout = 0.1
+query_std = 1.0
+layerscale_init = 1e-5

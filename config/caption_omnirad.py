@@ -18,3 +18,5 @@ lr = 5e-5
 warmup_steps = 100
 beams = (1, 4, 5)      # Table 12's rows: (1, 64), (4, 64), (5, 64), (5, 128)
 max_tokens = (64, 128)
+query_std = 1.0        # the public Patch Merger's unit queries (the sharper 4.0 default is for random-init smoke runs)
+dropout = 0.1          # BART's own, when BART-base starts random

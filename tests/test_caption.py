@@ -13,8 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import caption as C
-from model import (Bart, Captioner, ViT, bart_config, bart_config_from_hf, bart_from_hf_state, beam_search,
-                   greedy_search, load_bart, vit_config)
+from model import (Bart, Captioner, ViT, VisualPrefix, bart_config, bart_config_from_hf, bart_from_hf_state,
+                   beam_search, greedy_search, load_bart, vit_config)
 
 TOL = 1e-4
 
@@ -233,6 +233,43 @@ def test_captioner_learns_to_say_what_its_visual_tokens_show():
         beams = C.decode_captions(tok, beam_search(model.bart, states, num_beams=3, max_length=64))
     assert sum(g == e for g, e in zip(greedy, expected)) >= 0.9 * len(expected)
     assert sum(b == e for b, e in zip(beams, expected)) >= 0.9 * len(expected)
+
+
+def test_default_merger_queries_keep_one_distinct_patch_of_64_visible():
+    """Issue #8: a phantom lesion fills about one 8 px patch of 64. With unit-scale queries every merger
+    output starts as an average over most patches, and one changed patch moves the most-moved output by
+    ~1/20 of its own change; caption.py's query_std must start the queries sharp enough to see it."""
+    def most_moved_output_over_patch_change(query_std):
+        torch.manual_seed(0)
+        prefix = VisualPrefix(192, 128, C.n_queries, query_std)
+        anatomy = torch.randn(1, 64, 192).repeat(16, 1, 1)
+        lesion = anatomy.clone()
+        lesion[torch.arange(16), torch.arange(16) * 4] = torch.randn(16, 192)
+        with torch.no_grad():
+            z, z_lesion = prefix.norm(prefix.proj(anatomy)), prefix.norm(prefix.proj(lesion))
+            moved = (prefix(lesion) - prefix(anatomy)).norm(dim=-1).max(dim=1).values
+            return (moved / (z_lesion - z).norm(dim=-1).max(dim=1).values).mean().item()
+
+    assert most_moved_output_over_patch_change(1.0) < 0.1  # the failure the default avoids
+    assert most_moved_output_over_patch_change(C.query_std) > 0.15
+
+
+@torch.no_grad()
+def test_default_random_vit_blocks_change_the_tokens_but_dinov2_layerscale_leaves_them_as_patch_embeddings():
+    """Issue #8: with DINOv2's LayerScale 1e-5 a random ViT's 12 blocks add ~nothing, so its tokens are the
+    final LayerNorm of the linear patch embedding; caption.py's random-init layerscale_init must let the
+    blocks act on the tokens."""
+    images = torch.rand(4, 3, 64, 64)
+
+    def distance_from_patch_embedding(layerscale_init):
+        torch.manual_seed(0)
+        vit = ViT(vit_config(C.arch, patch_size=C.patch_size, img_size=64, layerscale_init=layerscale_init)).eval()
+        tokens = vit.forward_features(images)["x_norm_patchtokens"]
+        embedded = vit.norm(vit.prepare_tokens(images))[:, 1:]
+        return (tokens - embedded).norm() / embedded.norm()
+
+    assert distance_from_patch_embedding(1e-5) < 0.01
+    assert distance_from_patch_embedding(C.layerscale_init) > 0.3
 
 
 # ---------------------------------------------------------------------------- tokenizer
