@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from finetune_cls import lr_at  # linear warm-up, then cosine to zero
+
 # ----------------------------------------------------------------------------------------------
 # config: plain globals, overridden by config/*.py files and --key=value
 # ----------------------------------------------------------------------------------------------
@@ -387,14 +389,6 @@ def caption_loss(model, vit_tokens, decoder_input_ids, labels):
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
-def lr_at(step, total_steps):
-    """Linear warm-up, then cosine decay to zero."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 @torch.no_grad()
 def generate_captions(model, tok, vit_tokens, num_beams, max_length, batch=32):
     """Captions for cached ViT tokens (N, T, Dv); greedy when num_beams is 1 (beam search with one
@@ -571,7 +565,7 @@ if __name__ == "__main__":
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
             for g in optimizer.param_groups:
-                g["lr"] = lr_at(step, total_steps)
+                g["lr"] = lr_at(step, total_steps, warmup_steps, lr)
             loss_sum = 0.0
             for micro in batch.split(micro_batch_size):
                 with amp:
@@ -584,7 +578,7 @@ if __name__ == "__main__":
             step += 1
             if step % 10 == 0 or step == total_steps:
                 elapsed = time.time() - t_train
-                print(f"step {step}/{total_steps} epoch {epoch + 1} loss {loss_sum:.4f} lr {lr_at(step - 1, total_steps):.2e} "
+                print(f"step {step}/{total_steps} epoch {epoch + 1} loss {loss_sum:.4f} lr {lr_at(step - 1, total_steps, warmup_steps, lr):.2e} "
                       f"{step * batch_size / elapsed:.0f} img/s ETA {elapsed / step * (total_steps - step):.0f}s")
         history.append({"epoch": epoch + 1, "train_loss": loss_sum, "test_loss": test_loss()})
         print(f"epoch {epoch + 1}: last train loss {loss_sum:.4f}, test loss {history[-1]['test_loss']:.4f}")

@@ -51,6 +51,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from finetune_cls import format_duration
+
 # ----------------------------------------------------------------------------------------------
 # Metrics: label maps in (numpy or torch, any equal shapes), floats out; NaN = not scored
 # ----------------------------------------------------------------------------------------------
@@ -533,11 +535,6 @@ def json_safe(x):
     if isinstance(x, float) and math.isnan(x):
         return None
     return x
-
-
-def format_duration(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 # ----------------------------------------------------------------------------------------------
