@@ -49,6 +49,7 @@ from data import (ArrayImageDataset, DinoAugmentation, ImageFolderDataset, Maski
                   center_crop, collate_dino_batch, load_medmnist, normalize, resize)
 from model import (DINOHead, ViT, ViTConfig, export_hf, load_backbone, load_dino_head, load_state_strict,
                    save_backbone, save_json_atomic, save_safetensors_atomic, vit_config)
+from finetune_cls import format_duration
 from probe import knn_predict
 
 # -----------------------------------------------------------------------------
@@ -282,18 +283,16 @@ def head_shape(head):
 def load_init_backbone(path, **config_overrides):
     """A backbone to continue from: a pretrain.py checkpoint (its teacher, the better network) or
     anything model.load_backbone reads (official DINOv2 .pth, HF Dinov2, timm, nanorad)."""
-    if str(path).endswith(".safetensors") and Path(path).is_file():
-        with safe_open(str(path), "pt") as f:
-            meta = (f.metadata() or {}).get("nanorad_pretrain")
-        if meta is not None:
-            backbone = ViT(ViTConfig(**{**json.loads(meta)["model"]["vit"], **config_overrides}))
-            state = load_file(str(path))
-            prefix = "teacher.backbone."
-            load_state_strict(backbone, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
-                              str(path))
-            print(f"init_from: {path}: teacher backbone of a pretrain.py checkpoint (step {json.loads(meta)['step']})")
-            return backbone
-    return load_backbone(path, **config_overrides)
+    is_safetensors_file = str(path).endswith(".safetensors") and Path(path).is_file()
+    ckpt_state = checkpoint_state_or_none(path) if is_safetensors_file else None
+    if ckpt_state is None:
+        return load_backbone(path, **config_overrides)
+    backbone = ViT(ViTConfig(**{**ckpt_state["model"]["vit"], **config_overrides}))
+    prefix = "teacher.backbone."
+    load_state_strict(backbone, {k[len(prefix):]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)},
+                      str(path))
+    print(f"init_from: {path}: teacher backbone of a pretrain.py checkpoint (step {ckpt_state['step']})")
+    return backbone
 
 
 # ----------------------------------------------------------------------------------------------
@@ -627,12 +626,18 @@ def save_checkpoint(path, student, teacher, optimizer, centers, state):
     save_json_atomic({k: v for k, v in state.items() if k != "rng"}, str(path) + ".json")
 
 
-def read_checkpoint_state(path):
+def checkpoint_state_or_none(path):
+    """The JSON state a pretrain.py checkpoint carries in its metadata; None for another safetensors file."""
     with safe_open(str(path), "pt") as f:
         meta = (f.metadata() or {}).get("nanorad_pretrain")
-    if meta is None:
+    return None if meta is None else json.loads(meta)
+
+
+def read_checkpoint_state(path):
+    state = checkpoint_state_or_none(path)
+    if state is None:
         raise ValueError(f"{path}: not a pretrain.py checkpoint (no 'nanorad_pretrain' metadata)")
-    return json.loads(meta)
+    return state
 
 
 def load_checkpoint(path, student, teacher, optimizer, centers):
@@ -769,11 +774,6 @@ def format_drift(drift):
     return (f"drift: rel-L2 embed {drift['rel_l2'].get('embed', 0):.3f} blocks "
             + " ".join(f"{v:.3f}" for v in blocks)
             + f" norm {drift['rel_l2'].get('norm', 0):.3f} | CLS cos {drift['feature_cos']:.3f} CKA {drift['cka']:.3f}")
-
-
-def format_seconds(s):
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -966,7 +966,7 @@ if __name__ == "__main__":
             print(f"step {done}/{max_iters} | loss {losses['total']:.4f} ({terms}) | lr {values['lr']:.2e} "
                   f"bb_lr {values['backbone_lr']:.2e} wd {values['wd']:.3f} mom {values['momentum']:.4f} "
                   f"t_temp {values['teacher_temp']:.3f} | feat_std {monitors['feat_std']:.3f} "
-                  f"t_entropy {monitors['teacher_entropy']:.3f} | {speed:.0f} img/s | ETA {format_seconds(eta)}{frozen}",
+                  f"t_entropy {monitors['teacher_entropy']:.3f} | {speed:.0f} img/s | ETA {format_duration(eta)}{frozen}",
                   flush=True)
             with open(log_path, "a") as f:
                 f.write(json.dumps({"step": done, **losses, **values, **monitors, "img_per_s": speed}) + "\n")
@@ -992,7 +992,7 @@ if __name__ == "__main__":
                    "exports": None if stopped else {"backbone": str(out / "teacher_backbone.safetensors"),
                                                     "hf": str(out / "hf"), "dino_head": str(out / "dino_head.safetensors")}}
         save_json_atomic(results, out / "results.json")
-        print(f"done in {format_seconds(elapsed)}: loss {first_losses['total'] if first_losses else float('nan'):.4f} "
+        print(f"done in {format_duration(elapsed)}: loss {first_losses['total'] if first_losses else float('nan'):.4f} "
               f"-> {losses['total'] if losses else float('nan'):.4f}; outputs in {out}")
     if ddp:
         dist.destroy_process_group()
