@@ -30,6 +30,7 @@ from finetune_cls import accuracy, auprc_per_class, roc_auc, roc_auc_ovr, roc_au
 
 # -----------------------------------------------------------------------------
 # default config: the procedural phantoms and a random-init ViT-tiny/8 at 64 px, on CPU in < 3 min
+L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # linear-probe L2 strengths, on standardised features
 out_dir = "out/probe"
 dataset = "phantom"           # "phantom" | "medmnist" | "csv"
 data_path = ""                # medmnist: an official .npz; csv: an index with image, split (+ label) columns
@@ -48,7 +49,7 @@ layers = ()                   # block indices to concatenate; () = the last bloc
 batch_size = 64
 knn_k = 20                    # DINO eval_knn defaults
 knn_temperature = 0.07
-l2_grid = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # on standardised features
+l2_grid = L2_GRID
 seeds = (0,)                  # random-init backbone seeds, and the CV fold shuffles
 metadata_columns = ("sex", "age")   # csv only: tabular columns probed with grouped CV (RAD-DINO Table 7)
 group_column = "patientid"
@@ -233,7 +234,7 @@ def fit_logistic_regression(x, y, l2, multilabel=False, n_classes=None, max_iter
 
 
 def train_linear_probe(train_x, train_y, val_x, val_y, multilabel=False,
-                       l2_grid=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0), n_classes=None, max_iter=500):
+                       l2_grid=L2_GRID, n_classes=None, max_iter=500):
     """Fit one probe per L2 strength on train, keep the one with the lowest val NLL. NLL rather than
     val accuracy: small val splits make accuracy tie across most of the grid. Returns a LinearProbe
     (call .predict_proba(x)); .l2 and .val_loss_by_l2 record the search."""

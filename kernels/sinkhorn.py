@@ -16,8 +16,9 @@ Numerical safety: exp(t / temp) overflows float32 once t / temp > 88, and with a
 temperature teacher logits of 4 are enough (DINOv2 itself returns NaN on the logits of
 ../shared/oracles/dinov2_losses.safetensors). Both versions subtract each prototype's maximum over
 the whole (all-rank) batch first. That is invisible in the result: a per-prototype factor is
-undone by the first row normalisation (tests/test_kernels.py checks both against DINOv2 in float64). A single global maximum would not do: with a spread of
-~600 in t / temp whole prototype rows underflow to zero and the normalisation divides 0 by 0.
+undone by the first row normalisation (tests/test_kernels.py checks both against DINOv2 in float64).
+A single global maximum would not do: with a spread of ~600 in t / temp whole prototype rows
+underflow to zero and the normalisation divides 0 by 0.
 For the same reason DINOv2's first division by the total of Q is skipped in the fused version
 (the row normalisation that follows undoes any common factor). The fused version goes further and
 takes each pass's log-sum-exp against its own running maximum (see the kernels).
