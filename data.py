@@ -44,13 +44,24 @@ a batch gets one random draw per call)
     ClassificationTransform(size, train, ...)(img) -> normalised (3,size,size)
     SegmentationTransform(size, train, ..., hflip_p)(img, mask) -> (normalised img, int64 mask)
     DinoAugmentation(...)(img) -> {"global_crops": [2 tensors], "local_crops": [n tensors]}
+The same views for a batch at once, on any device (every random choice still drawn per image)
+    BatchedDinoAugmentation(...)(images (B,3,H,W), generator=None)
+        -> {"global_crops" (2B,3,G,G), "local_crops" (nB,3,L,L) or None}, collate_dino_batch's layout
+    sample_view_params(n_images, height, width, scale, blur_probs, solarize_probs, generator=None,
+                       device="cpu") -> dict of per-view tensors (box, flip, jitter, ..., solarize)
+    apply_view_params(images, params, size) -> normalised views (pure)
+    random_resized_crop_boxes(n, height, width, scale, ratio, generator=None, device="cpu") -> long (n, 4)
+    resize_weights, resized_crops, color_jitter_per_image, gaussian_blur_per_image
 iBOT masking
     MaskingGenerator(grid_h, grid_w, min_num_patches=4, max_num_patches=None, min_aspect=0.3)
         (num_masking_patches, generator=None) -> bool (grid_h, grid_w); .add_block(mask, max_patches)
+    draw_ibot_masks(n_crops, n_tokens, mask_generator, mask_ratio_min_max=(0.1, 0.5),
+                    mask_probability=0.5, generator=None)
+        -> {"masks" bool (n_crops,N), "mask_indices" (M,), "masks_weight" (M,),
+            "n_masked_patches" (1,), "upperbound" int}
     collate_dino_batch(samples, n_tokens, mask_generator, mask_ratio_min_max=(0.1, 0.5),
                        mask_probability=0.5, generator=None)
-        -> {"global_crops" (2B,3,G,G), "local_crops" (nB,3,L,L) or None, "masks" bool (2B,N),
-            "mask_indices" (M,), "masks_weight" (M,), "n_masked_patches" (1,), "upperbound" int}
+        -> {"global_crops" (2B,3,G,G), "local_crops" (nB,3,L,L) or None, **draw_ibot_masks(2B, ...)}
 
 Typical use
     train = ImageFolderDataset("../shared/data/covid_cxr_xray256/images.csv", "train",
@@ -1005,15 +1016,15 @@ def solarize(img, threshold=0.5, p=0.2, generator=None):
 
 
 def normalize(img, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    mean = torch.tensor(mean, dtype=img.dtype).view(-1, 1, 1)
-    std = torch.tensor(std, dtype=img.dtype).view(-1, 1, 1)
+    mean = torch.tensor(mean, dtype=img.dtype, device=img.device).view(-1, 1, 1)
+    std = torch.tensor(std, dtype=img.dtype, device=img.device).view(-1, 1, 1)
     return (img - mean) / std
 
 
 def denormalize(img, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """normalize's inverse, for saving pictures."""
-    mean = torch.tensor(mean, dtype=img.dtype).view(-1, 1, 1)
-    std = torch.tensor(std, dtype=img.dtype).view(-1, 1, 1)
+    mean = torch.tensor(mean, dtype=img.dtype, device=img.device).view(-1, 1, 1)
+    std = torch.tensor(std, dtype=img.dtype, device=img.device).view(-1, 1, 1)
     return img * std + mean
 
 
@@ -1064,6 +1075,11 @@ class SegmentationTransform:
         return normalize(img), mask
 
 
+# DINOv2's photometric recipe (dinov2/data/augmentations.py), shared by both DINO augmentations
+DINO_JITTER = (0.4, 0.4, 0.2, 0.1)  # colour jitter strengths: brightness, contrast, saturation, hue
+DINO_JITTER_P, DINO_GRAYSCALE_P, DINO_BLUR_SIGMA = 0.8, 0.2, (0.1, 2.0)
+
+
 class DinoAugmentation:
     """DINOv2's multi-crop views of one image (3,H,W) in [0,1] -> {"global_crops": [2 normalised
     (3,G,G)], "local_crops": [n_local_crops normalised (3,L,L)]}.
@@ -1091,9 +1107,9 @@ class DinoAugmentation:
         g = self.generator
         x = random_resized_crop(img, size, scale, generator=g)
         x = random_horizontal_flip(x, p=0.5, generator=g)
-        x = color_jitter(x, 0.4, 0.4, 0.2, 0.1, p=0.8, generator=g)
-        x = random_grayscale(x, p=0.2, generator=g)
-        x = gaussian_blur(x, (0.1, 2.0), p=blur_p, generator=g)
+        x = color_jitter(x, *DINO_JITTER, p=DINO_JITTER_P, generator=g)
+        x = random_grayscale(x, p=DINO_GRAYSCALE_P, generator=g)
+        x = gaussian_blur(x, DINO_BLUR_SIGMA, p=blur_p, generator=g)
         if solarize_p:
             x = solarize(x, 0.5, p=solarize_p, generator=g)
         return normalize(x)
@@ -1107,6 +1123,193 @@ class DinoAugmentation:
             "local_crops": [self._view(img, self.local_crops_size, self.local_crops_scale, blur_local, 0.0)
                             for _ in range(self.n_local_crops)],
         }
+
+
+# ----------------------------------------------------------------------------------------------
+# DinoAugmentation for a whole batch at once, on the training device. Every random choice is still
+# drawn per image (sample_view_params), so the views follow DinoAugmentation's distribution; only
+# the loop over images is gone. apply_view_params makes the views from given choices (pure).
+# ----------------------------------------------------------------------------------------------
+
+def random_resized_crop_boxes(n, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None,
+                              device="cpu"):
+    """n boxes long (n, 4) = (top, left, h, w), each drawn as random_resized_crop_box draws one: the
+    ten tries are drawn at once and the first that fits is kept; when none fits, the central crop
+    of the clamped aspect. Float64, so h and w round as Python's round() does in the reference."""
+    rand = lambda *shape: torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * rand(n, 10))
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    aspect = torch.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * rand(n, 10))
+    w = torch.round(torch.sqrt(area * aspect)).long()
+    h = torch.round(torch.sqrt(area / aspect)).long()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.long().argmax(1, keepdim=True)  # argmax gives the first of equal maxima
+    found = fits.any(1)
+    h, w = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0]
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fallback_w, fallback_h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        fallback_h, fallback_w = height, int(round(height * max(ratio)))
+    else:
+        fallback_w, fallback_h = width, height
+    h = torch.where(found, h, fallback_h)
+    w = torch.where(found, w, fallback_w)
+    # randint(0, height - h + 1) of the reference, as the floor of a uniform draw
+    top = torch.where(found, (rand(n) * (height - h + 1)).floor().long(), (height - h) // 2)
+    left = torch.where(found, (rand(n) * (width - w + 1)).floor().long(), (width - w) // 2)
+    return torch.stack([top, left, h, w], 1)
+
+
+def sample_view_params(n_images, height, width, scale, blur_probs, solarize_probs, generator=None, device="cpu"):
+    """Every random choice of len(blur_probs) DinoAugmentation views of n_images images of height x
+    width, drawn per view: row v * n_images + i is view v of image i (view-major, as the crops are
+    collated). View v blurs with probability blur_probs[v] and solarizes with solarize_probs[v]."""
+    n = len(blur_probs) * n_images
+    rand = lambda *shape: torch.rand(shape, generator=generator, device=device)
+    per_view = lambda probs: torch.tensor(probs, device=device).repeat_interleave(n_images)
+    strengths = torch.tensor(DINO_JITTER[:3], device=device)
+    hue = DINO_JITTER[3]
+    return {
+        "box": random_resized_crop_boxes(n, height, width, scale, generator=generator, device=device),
+        "flip": rand(n) < 0.5,
+        "jitter": rand(n) < DINO_JITTER_P,
+        "jitter_order": rand(n, 4).argsort(1),  # a uniform random order of the four, as torch.randperm(4)
+        "jitter_factors": 1 - strengths + 2 * strengths * rand(n, 3),  # ~ U(1 - x, 1 + x)
+        "hue_shift": -hue + 2 * hue * rand(n),
+        "grayscale": rand(n) < DINO_GRAYSCALE_P,
+        "blur": rand(n) < per_view(blur_probs),
+        "blur_sigma": DINO_BLUR_SIGMA[0] + (DINO_BLUR_SIGMA[1] - DINO_BLUR_SIGMA[0]) * rand(n),
+        "solarize": rand(n) < per_view(solarize_probs),
+    }
+
+
+def _bicubic_antialias_kernel(d):
+    """The cubic convolution kernel (a = -0.5, PIL's) that torch's antialiased bicubic resize uses."""
+    a, d = -0.5, d.abs()
+    near = ((a + 2) * d - (a + 3)) * d * d + 1
+    far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+    return torch.where(d < 1, near, torch.where(d < 2, far, torch.zeros_like(d)))
+
+
+def resize_weights(start, length, in_size, out_size):
+    """(n, out_size, in_size) matrices: row i of matrix k takes pixels [start[k], start[k] + length[k])
+    of a line of in_size pixels to output pixel i as resize() does (torch's bicubic with
+    antialias=True: the kernel stretched by the shrink factor, weights normalised over the pixels
+    inside the crop)."""
+    length = length.to(torch.float32)
+    scale = length / out_size
+    center = scale[:, None] * (torch.arange(out_size, device=start.device) + 0.5)  # in crop coordinates
+    j = torch.arange(in_size, device=start.device)[None] - start[:, None]          # crop coordinate of each pixel
+    d = (j[:, None, :] + 0.5 - center[:, :, None]) / scale.clamp(min=1)[:, None, None]
+    inside = ((j >= 0) & (j < length[:, None]))[:, None, :]
+    w = _bicubic_antialias_kernel(d) * inside
+    return w / w.sum(-1, keepdim=True)
+
+
+def resized_crops(images, boxes, flips, size):
+    """Crops (n, 3, size, size) in [0,1] of images (B,3,H,W): row v * B + i is boxes[row] of image i,
+    resized as resize() does and mirrored where flips[row]. A resize is linear and separable, so a
+    crop is Wy @ image @ Wx^T with its own weight matrices (a flip reverses Wx's rows): two batched
+    matmuls for every crop of the batch, equal to the per-image crop + resize up to float rounding
+    (on CUDA with TF32 matmuls allowed, as pretrain.py allows them, ~1e-3: below 8-bit quantisation)."""
+    B, _, H, W = images.shape
+    n_views = len(boxes) // B
+    top, left, h, w = boxes.unbind(1)
+    wy = resize_weights(top, h, H, size).view(n_views, B, size, H)
+    wx = resize_weights(left, w, W, size)
+    wx = torch.where(flips[:, None, None], wx.flip(1), wx).view(n_views, B, size, W)
+    x = torch.einsum("vbyh,bchw->vbcyw", wy, images)
+    x = torch.einsum("vbcyw,vbxw->vbcyx", x, wx)
+    return x.flatten(0, 1).clamp_(0, 1)  # bicubic overshoots at edges
+
+
+def _per_row(t):
+    return t.view(-1, 1, 1, 1)
+
+
+def color_jitter_per_image(x, apply, order, factors, hue_shift, gray):
+    """color_jitter with each image's own draw: apply (n,) bool; order (n, 4), a permutation of
+    0 brightness, 1 contrast, 2 saturation, 3 hue; factors (n, 3) of the first three; hue_shift (n,);
+    gray (n,) bool: saturation and hue are skipped on gray images, as color_jitter skips them.
+    Brightness, contrast and saturation are one blend x' = f x + (1 - f) ref, with ref = 0, the
+    mean gray level, the gray image: one pass per position of the order, f = 1 where nothing acts."""
+    any_colour = bool((apply & ~gray).any())  # radiograph batches skip the HSV round trip (one sync)
+    for position in range(4):
+        op = order[:, position]
+        factor = factors.gather(1, op.clamp(max=2)[:, None])[:, 0]
+        acts = apply & (op < 3) & ~((op == 2) & gray)
+        factor = _per_row(torch.where(acts, factor, torch.ones_like(factor)))
+        luma = _grayscale(x)
+        reference = torch.where(_per_row(op == 0), 0.0,
+                                torch.where(_per_row(op == 1), luma.mean(dim=(1, 2, 3), keepdim=True), luma))
+        x = (factor * x + (1 - factor) * reference).clamp(0, 1)
+        if any_colour:
+            x = torch.where(_per_row(apply & (op == 3) & ~gray), _adjust_hue(x, hue_shift.view(-1, 1, 1)), x)
+    return x
+
+
+def gaussian_blur_per_image(x, sigma, kernel_size=9):
+    """gaussian_blur of every image (n,C,H,W) with its own sigma (n,): one grouped separable
+    convolution with per-image kernels, reflect padding as gaussian_blur."""
+    n, c, H, W = x.shape
+    taps = torch.arange(kernel_size, dtype=x.dtype, device=x.device) - (kernel_size - 1) / 2
+    kernel = torch.exp(-taps ** 2 / (2 * sigma[:, None].to(x.dtype) ** 2))
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (n * c, kernel_size)
+    pad = kernel_size // 2
+    mode = "reflect" if min(H, W) > pad else "replicate"
+    y = F.pad(x.reshape(1, n * c, H, W), (pad, pad, pad, pad), mode=mode)
+    y = F.conv2d(y, kernel.view(n * c, 1, 1, kernel_size), groups=n * c)
+    y = F.conv2d(y, kernel.view(n * c, 1, kernel_size, 1), groups=n * c)
+    return y.view(n, c, H, W)
+
+
+def is_gray(images):
+    """(B,) bool: the three channels are equal (gray replicated, as every radiograph here is)."""
+    return ((images[:, 0] == images[:, 1]) & (images[:, 1] == images[:, 2])).flatten(1).all(1)
+
+
+def apply_view_params(images, params, size):
+    """The views `params` (sample_view_params) describe, of images (B,3,H,W) in [0,1]: normalised
+    (n_views * B, 3, size, size), view-major, each made as DinoAugmentation._view makes it: crop +
+    resize + flip, colour jitter, grayscale, blur, solarize, normalize. Pure: no random draws."""
+    x = resized_crops(images, params["box"], params["flip"], size)
+    gray = is_gray(images).repeat(len(x) // len(images))
+    x = color_jitter_per_image(x, params["jitter"], params["jitter_order"], params["jitter_factors"],
+                               params["hue_shift"], gray)
+    x = torch.where(_per_row(params["grayscale"]), _grayscale(x).expand_as(x), x)
+    x = torch.where(_per_row(params["blur"]), gaussian_blur_per_image(x, params["blur_sigma"]), x)
+    x = torch.where(_per_row(params["solarize"]) & (x >= 0.5), 1.0 - x, x)
+    return normalize(x)
+
+
+class BatchedDinoAugmentation:
+    """DinoAugmentation's views of a batch images (B,3,H,W) in [0,1], on the images' device, every
+    random choice drawn per image from `generator` (a torch.Generator on that device; None: torch's
+    default one there) -> {"global_crops": (2B,3,G,G), "local_crops": (nB,3,L,L) or None}, crop-major
+    as collate_dino_batch lays them out. Images must share one size (pretrain.py resizes them to a
+    square source first); crops are resized from that source, not from the original file."""
+
+    def __init__(self, global_crops_size=224, local_crops_size=96, n_local_crops=8,
+                 global_crops_scale=(0.32, 1.0), local_crops_scale=(0.05, 0.32),
+                 blur_probs=(1.0, 0.1, 0.5), solarize_p=0.2):
+        self.global_crops_size, self.local_crops_size = global_crops_size, local_crops_size
+        self.n_local_crops = n_local_crops
+        self.global_crops_scale, self.local_crops_scale = global_crops_scale, local_crops_scale
+        self.blur_probs, self.solarize_p = blur_probs, solarize_p
+
+    def __call__(self, images, generator=None):
+        B, _, H, W = images.shape
+        blur_global1, blur_global2, blur_local = self.blur_probs
+        draw = dict(generator=generator, device=images.device)
+        global_params = sample_view_params(B, H, W, self.global_crops_scale, (blur_global1, blur_global2),
+                                           (0.0, self.solarize_p), **draw)
+        out = {"global_crops": apply_view_params(images, global_params, self.global_crops_size), "local_crops": None}
+        if self.n_local_crops:
+            local_params = sample_view_params(B, H, W, self.local_crops_scale, (blur_local,) * self.n_local_crops,
+                                              (0.0,) * self.n_local_crops, **draw)
+            out["local_crops"] = apply_view_params(images, local_params, self.local_crops_size)
+        return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1159,30 +1362,21 @@ class MaskingGenerator:
         return mask
 
 
-def collate_dino_batch(samples, n_tokens, mask_generator, mask_ratio_min_max=(0.1, 0.5),
-                       mask_probability=0.5, generator=None):
-    """Batch DinoAugmentation outputs and draw the iBOT masks, as DINOv2's collate_data_and_cast.
+def draw_ibot_masks(n_crops, n_tokens, mask_generator, mask_ratio_min_max=(0.1, 0.5), mask_probability=0.5,
+                    generator=None):
+    """The iBOT masks of n_crops global crops, as DINOv2's collate_data_and_cast draws them.
 
-    `samples`: a list of crop dicts, or of dataset items whose "image" is a crop dict.
-    Of the 2B global crops, int(2B * mask_probability) are masked; their ratios spread over
+    Of the n_crops, int(n_crops * mask_probability) are masked; their ratios spread over
     linspace(min, max, n_masked + 1): masked crop i gets a ratio ~ U(probs[i], probs[i+1]); the
     masks are then shuffled over the batch. Returns:
-      global_crops (2B,3,G,G) crop-major (all first crops, then all second crops);
-      local_crops (nB,3,L,L), or None with no local crops;
-      masks bool (2B, n_tokens); mask_indices (M,) flat indices into masks.flatten();
+      masks bool (n_crops, n_tokens); mask_indices (M,) flat indices into masks.flatten();
       masks_weight (M,) 1/(#masked patches of its crop), so each masked crop sums to 1;
       n_masked_patches long (1,) = M; upperbound int, the most patches the ratios allowed.
     """
-    crops = [s["image"] if "image" in s else s for s in samples]
     if mask_generator.num_patches != n_tokens:
         raise ValueError(f"mask generator grid {mask_generator.grid_h}x{mask_generator.grid_w} has "
                          f"{mask_generator.num_patches} patches, expected n_tokens={n_tokens}")
-    n_global, n_local = len(crops[0]["global_crops"]), len(crops[0]["local_crops"])
-    global_crops = torch.stack([c["global_crops"][i] for i in range(n_global) for c in crops])
-    local_crops = (torch.stack([c["local_crops"][i] for i in range(n_local) for c in crops])
-                   if n_local else None)
-    B = len(global_crops)
-    n_masked = int(B * mask_probability)
+    n_masked = int(n_crops * mask_probability)
     probs = torch.linspace(mask_ratio_min_max[0], mask_ratio_min_max[1], n_masked + 1).tolist()
     upperbound = 0
     masks = []
@@ -1190,17 +1384,35 @@ def collate_dino_batch(samples, n_tokens, mask_generator, mask_ratio_min_max=(0.
         ratio = _uniform(probs[i], probs[i + 1], generator)
         masks.append(mask_generator(int(n_tokens * ratio), generator))
         upperbound += int(n_tokens * probs[i + 1])
-    masks += [mask_generator(0, generator) for _ in range(n_masked, B)]
-    order = torch.randperm(B, generator=generator).tolist()
+    masks += [mask_generator(0, generator) for _ in range(n_masked, n_crops)]
+    order = torch.randperm(n_crops, generator=generator).tolist()
     masks = torch.stack([masks[j] for j in order]).flatten(1)
     mask_indices = masks.flatten().nonzero().flatten()
     masks_weight = (1 / masks.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(masks)[masks]
     return {
-        "global_crops": global_crops,
-        "local_crops": local_crops,
         "masks": masks,
         "mask_indices": mask_indices,
         "masks_weight": masks_weight,
         "n_masked_patches": torch.full((1,), len(mask_indices), dtype=torch.long),
         "upperbound": upperbound,
     }
+
+
+def collate_dino_batch(samples, n_tokens, mask_generator, mask_ratio_min_max=(0.1, 0.5),
+                       mask_probability=0.5, generator=None):
+    """Batch DinoAugmentation outputs and draw the iBOT masks (draw_ibot_masks), as DINOv2's
+    collate_data_and_cast.
+
+    `samples`: a list of crop dicts, or of dataset items whose "image" is a crop dict. Returns
+    draw_ibot_masks' dict for the 2B global crops, and
+      global_crops (2B,3,G,G) crop-major (all first crops, then all second crops);
+      local_crops (nB,3,L,L), or None with no local crops.
+    """
+    crops = [s["image"] if "image" in s else s for s in samples]
+    n_global, n_local = len(crops[0]["global_crops"]), len(crops[0]["local_crops"])
+    global_crops = torch.stack([c["global_crops"][i] for i in range(n_global) for c in crops])
+    local_crops = (torch.stack([c["local_crops"][i] for i in range(n_local) for c in crops])
+                   if n_local else None)
+    masks = draw_ibot_masks(len(global_crops), n_tokens, mask_generator, mask_ratio_min_max,
+                            mask_probability, generator)
+    return {"global_crops": global_crops, "local_crops": local_crops, **masks}

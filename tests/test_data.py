@@ -602,3 +602,179 @@ def test_dino_augmentation_follows_dinov2_asymmetric_recipe(monkeypatch):
     assert [p for name, p in calls if name == "solarize"] == [0.2]  # second global crop only
     assert [p for name, p in calls if name == "color_jitter"] == [0.8] * 4
     assert [p for name, p in calls if name == "random_grayscale"] == [0.2] * 4
+
+
+# ----------------------------------------------------------------------------------------------
+# BatchedDinoAugmentation: the same views, a whole batch at once, every draw per image
+# ----------------------------------------------------------------------------------------------
+
+def unchanged_view_params(n, height, width):
+    """Parameters of n views that only resize the whole image: every random choice switched off."""
+    return {"box": torch.tensor([[0, 0, height, width]] * n), "flip": torch.zeros(n, dtype=torch.bool),
+            "jitter": torch.zeros(n, dtype=torch.bool), "jitter_order": torch.arange(4).repeat(n, 1),
+            "jitter_factors": torch.ones(n, 3), "hue_shift": torch.zeros(n),
+            "grayscale": torch.zeros(n, dtype=torch.bool), "blur": torch.zeros(n, dtype=torch.bool),
+            "blur_sigma": torch.ones(n), "solarize": torch.zeros(n, dtype=torch.bool)}
+
+
+# the batched resize is the same linear map as F.interpolate(antialias=True) computed as two matmuls:
+# only float rounding differs (measured <= 7e-6 over sizes 3..127 -> 8..96)
+RESIZE_ATOL = 2e-5
+
+
+@pytest.mark.parametrize("source, size", [(50, 24), (20, 32), (85, 48)])
+def test_batched_view_of_the_whole_image_is_resize(source, size):
+    images = torch.rand(3, 3, source, source)
+    views = data.apply_view_params(images, unchanged_view_params(3, source, source), size)
+    torch.testing.assert_close(views, data.normalize(data.resize(images, size)), atol=RESIZE_ATOL, rtol=0)
+
+
+def test_batched_view_of_the_source_size_is_the_image_itself():
+    images = torch.rand(2, 3, 32, 32)
+    views = data.apply_view_params(images, unchanged_view_params(2, 32, 32), 32)
+    assert torch.equal(views, data.normalize(images))
+
+
+def test_batched_flip_mirrors_only_the_flagged_images():
+    images = torch.rand(2, 3, 40, 40)
+    params = unchanged_view_params(2, 40, 40)
+    params["flip"][1] = True
+    views = data.apply_view_params(images, params, 24)
+    expected = data.normalize(data.resize(images, 24))
+    torch.testing.assert_close(views[0], expected[0], atol=RESIZE_ATOL, rtol=0)
+    torch.testing.assert_close(views[1], torch.flip(expected[1], (-1,)), atol=RESIZE_ATOL, rtol=0)
+
+
+def test_batched_crop_boxes_equal_the_per_image_crop_and_resize():
+    images = torch.rand(2, 3, 60, 60)
+    params = unchanged_view_params(4, 60, 60)  # two views of each image, view-major
+    params["box"] = torch.tensor([[0, 0, 60, 60], [5, 17, 30, 41], [59, 0, 1, 60], [12, 3, 45, 20]])
+    views = data.apply_view_params(images, params, 28)
+    for row, (top, left, h, w) in enumerate(params["box"].tolist()):
+        expected = data.resize(images[row % 2, :, top:top + h, left:left + w], 28)
+        torch.testing.assert_close(views[row], data.normalize(expected), atol=RESIZE_ATOL, rtol=0)
+
+
+def reference_jitter_draw(seed):
+    """The order, factors and hue shift data.color_jitter(p=1) draws from a generator seeded `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    data._rand(g)  # the p draw
+    order = torch.randperm(4, generator=g)
+    factors = torch.tensor([data._uniform(1 - x, 1 + x, g) for x in data.DINO_JITTER[:3]])
+    return order, factors, data._uniform(-data.DINO_JITTER[3], data.DINO_JITTER[3], g)
+
+
+@pytest.mark.parametrize("gray", [False, True])
+def test_batched_color_jitter_gives_color_jitters_numbers_for_the_same_draw(gray):
+    n = 6
+    images = torch.rand(n, 1 if gray else 3, 20, 20).expand(-1, 3, -1, -1).contiguous()
+    params = unchanged_view_params(n, 20, 20)
+    expected = []
+    for i in range(n):  # each image its own order and factors
+        order, factors, shift = reference_jitter_draw(i)
+        params["jitter_order"][i], params["jitter_factors"][i], params["hue_shift"][i] = order, factors, shift
+        expected.append(data.color_jitter(images[i], *data.DINO_JITTER, p=1.0, generator=torch.Generator().manual_seed(i)))
+    params["jitter"][:] = True
+    params["jitter"][n - 1] = False
+    expected[n - 1] = images[n - 1]
+    views = data.apply_view_params(images, params, 20)
+    torch.testing.assert_close(views, data.normalize(torch.stack(expected)), atol=1e-5, rtol=0)
+    assert (torch.stack(expected) - images).abs().amax(dim=(1, 2, 3))[:n - 1].min() > 0.01  # the jitter acted
+
+
+def test_batched_grayscale_blur_and_solarize_match_the_per_image_functions():
+    images = torch.rand(4, 3, 24, 24)
+    params = unchanged_view_params(4, 24, 24)
+    params["grayscale"][0] = True
+    params["blur"][1], params["blur_sigma"][1] = True, 1.3
+    params["blur"][2], params["blur_sigma"][2] = True, 0.4
+    params["solarize"][3] = True
+    views = data.apply_view_params(images, params, 24)
+    expected = [data.random_grayscale(images[0], p=1.0),
+                data.gaussian_blur(images[1], sigma=(1.3, 1.3), p=1.0),
+                data.gaussian_blur(images[2], sigma=(0.4, 0.4), p=1.0),
+                data.solarize(images[3], p=1.0)]
+    torch.testing.assert_close(views, data.normalize(torch.stack(expected)), atol=1e-6, rtol=0)
+
+
+def test_batched_views_differ_between_identical_images_and_repeat_with_the_seed():
+    images = torch.rand(1, 3, 64, 64).expand(6, -1, -1, -1)
+    aug = data.BatchedDinoAugmentation(32, 16, 2)
+    a = aug(images, torch.Generator().manual_seed(0))
+    b = aug(images, torch.Generator().manual_seed(0))
+    c = aug(images, torch.Generator().manual_seed(1))
+    for key in ("global_crops", "local_crops"):
+        assert torch.equal(a[key], b[key]) and not torch.equal(a[key], c[key])
+        crops = a[key]
+        assert all(not torch.equal(crops[i], crops[j]) for i in range(len(crops)) for j in range(i))
+
+
+@pytest.mark.parametrize("n_local", [3, 0])
+def test_batched_augmentation_lays_crops_out_crop_major_as_collate_does(n_local):
+    # image 1 is black: every view of it (and only those) is normalize(0), whatever was drawn
+    images = torch.rand(3, 3, 40, 40) * 0.8 + 0.1
+    images[1] = 0
+    out = data.BatchedDinoAugmentation(24, 12, n_local)(images, torch.Generator().manual_seed(0))
+    assert out["global_crops"].shape == (6, 3, 24, 24)
+    if n_local == 0:
+        assert out["local_crops"] is None
+        crops = [out["global_crops"]]
+    else:
+        assert out["local_crops"].shape == (3 * n_local, 3, 12, 12)
+        crops = [out["global_crops"], out["local_crops"]]
+    for c in crops:
+        black = data.normalize(torch.zeros_like(c[0]))
+        is_black = [torch.allclose(view, black, atol=1e-6) for view in c]
+        assert is_black == [i % 3 == 1 for i in range(len(c))]
+
+
+def test_batched_crop_boxes_respect_scale_and_ratio_and_fit():
+    boxes = data.random_resized_crop_boxes(2000, 100, 120, (0.3, 0.6), (0.5, 2.0), torch.Generator().manual_seed(0))
+    top, left, h, w = boxes.T.double()
+    assert (top >= 0).all() and (top + h <= 100).all() and (left >= 0).all() and (left + w <= 120).all()
+    # h and w are rounded: the area fraction and aspect of (h +- 0.5) x (w +- 0.5) bound the drawn ones
+    assert ((h + 0.5) * (w + 0.5) / 12000 >= 0.3).all() and ((h - 0.5) * (w - 0.5) / 12000 <= 0.6).all()
+    assert ((w + 0.5) / (h - 0.5) >= 0.5).all() and ((w - 0.5) / (h + 0.5) <= 2.0).all()
+    # boxes are placed anywhere they fit, not always at one corner
+    assert top.min() == 0 and (top + h).max() == 100 and left.min() == 0 and (left + w).max() == 120
+
+
+@pytest.mark.parametrize("height, width", [(40, 40), (10, 40), (40, 10)])
+def test_batched_crop_boxes_fall_back_to_the_reference_centre_crop(height, width):
+    boxes = data.random_resized_crop_boxes(5, height, width, (2.0, 3.0), generator=torch.Generator().manual_seed(0))
+    expected = data.random_resized_crop_box(height, width, (2.0, 3.0), generator=torch.Generator().manual_seed(0))
+    assert boxes.tolist() == [list(expected)] * 5
+
+
+def test_batched_crop_boxes_follow_the_reference_distribution():
+    # a geometry where most tries do not fit: ~1 box in 7 is the fallback (the full image), and 40 %
+    # are full-image boxes (fallbacks and tries that round to it), so the fallback rate shows
+    n, size, scale, ratio = 3000, 10, (0.9, 1.0), (0.5, 2.0)
+    g = torch.Generator().manual_seed(0)
+    reference = torch.tensor([data.random_resized_crop_box(size, size, scale, ratio, generator=g)
+                              for _ in range(n)]).double()
+    ours = data.random_resized_crop_boxes(n, size, size, scale, ratio, torch.Generator().manual_seed(1)).double()
+    full_image = lambda b: (b[:, 2:] == size).all(1).double().mean()
+    assert 0.3 < full_image(reference) < 0.5
+    assert abs(full_image(ours) - full_image(reference)) < 0.03
+    for column in range(4):  # top, left, h, w: means within ~4 standard errors
+        ref_col, our_col = reference[:, column], ours[:, column]
+        assert abs(our_col.mean() - ref_col.mean()) < 4 * ref_col.std() * (2 / n) ** 0.5
+
+
+def test_batched_view_draws_follow_dinov2s_probabilities_per_view():
+    n = 4000
+    params = data.sample_view_params(n, 64, 64, (0.32, 1.0), (1.0, 0.1), (0.0, 0.2), torch.Generator().manual_seed(0))
+    first, second = slice(0, n), slice(n, 2 * n)
+    assert params["blur"][first].all() and abs(params["blur"][second].double().mean() - 0.1) < 0.02
+    assert not params["solarize"][first].any() and abs(params["solarize"][second].double().mean() - 0.2) < 0.03
+    for key, p in (("flip", 0.5), ("jitter", 0.8), ("grayscale", 0.2)):
+        assert abs(params[key].double().mean() - p) < 0.02, key
+    order = params["jitter_order"]
+    assert (order.sort(1).values == torch.arange(4)).all()  # a permutation per view
+    first_op = torch.bincount(order[:, 0], minlength=4).double() / len(order)
+    assert (first_op - 0.25).abs().max() < 0.02
+    low, high = torch.tensor([0.6, 0.6, 0.8]), torch.tensor([1.4, 1.4, 1.2])
+    factors = params["jitter_factors"]
+    assert (factors >= low).all() and (factors <= high).all() and ((factors - 1).abs().amax(0) > 0.95 * (high - 1)).all()
+    assert params["hue_shift"].abs().max() <= 0.1 and params["blur_sigma"].min() >= 0.1 and params["blur_sigma"].max() <= 2.0
