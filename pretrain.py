@@ -45,8 +45,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import kernels
-from data import (ArrayImageDataset, DinoAugmentation, ImageFolderDataset, MaskingGenerator, PhantomDataset,
-                  center_crop, collate_dino_batch, load_medmnist, normalize, resize)
+from data import (ArrayImageDataset, BatchedDinoAugmentation, DinoAugmentation, ImageFolderDataset, MaskingGenerator,
+                  PhantomDataset, center_crop, collate_dino_batch, draw_ibot_masks, load_medmnist, normalize, resize)
 from model import (DINOHead, ViT, ViTConfig, export_hf, load_backbone, load_dino_head, load_state_strict,
                    save_backbone, save_json_atomic, save_safetensors_atomic, vit_config)
 from finetune_cls import format_duration
@@ -68,6 +68,10 @@ train_data = ()           # sources: MedMNIST .npz (train split), a CSV index wi
 n_phantoms = 2000
 phantom_size_px = 64
 num_workers = 0           # DataLoader processes making the crops (0 = in the training process)
+augment_on_device = False  # True: the crops are made on the training device in batches (BatchedDinoAugmentation)
+                           # -- for GPUs, where the CPU loader is the bottleneck; the loader only resizes images
+augment_source_px = 0     # augment_on_device: every image becomes a centre square of this size before its crops;
+                          # 0 = auto, the smallest that keeps the smallest global crop at full resolution
 seed = 0
 # model
 model_size = "tiny"       # tiny small base large giant (random init; init_from reads the size from the file)
@@ -555,7 +559,9 @@ class StepBatchSampler(torch.utils.data.Sampler):
 
 
 class MaskedCollate:
-    """collate_dino_batch with the iBOT masks drawn from the batch's own seed."""
+    """collate_dino_batch with the iBOT masks drawn from the batch's own seed. Items without crops
+    (SourceImageDataset's) are stacked as "images", and the same masks are drawn for their 2B global
+    crops-to-be."""
 
     def __init__(self, grid_size, mask_probability, mask_ratio_min_max):
         self.grid_size, self.mask_probability, self.mask_ratio_min_max = grid_size, mask_probability, mask_ratio_min_max
@@ -563,8 +569,33 @@ class MaskedCollate:
     def __call__(self, samples):
         generator = torch.Generator().manual_seed(samples[0]["batch_seed"])
         mask_generator = MaskingGenerator(self.grid_size, self.grid_size)  # at most half the patches, as DINOv2
+        if "global_crops" not in samples[0]:
+            return {"images": torch.stack([s["image"] for s in samples]),
+                    **draw_ibot_masks(2 * len(samples), self.grid_size ** 2, mask_generator,
+                                      tuple(self.mask_ratio_min_max), self.mask_probability, generator=generator)}
         return collate_dino_batch(samples, self.grid_size ** 2, mask_generator, tuple(self.mask_ratio_min_max),
                                   self.mask_probability, generator=generator)
+
+
+class SourceImageDataset(torch.utils.data.Dataset):
+    """Key (image index, crop seed, batch seed) -> that image as a centre square resized to source_px (so a
+    batch stacks), for BatchedDinoAugmentation on the training device; the crop seed is unused there."""
+
+    def __init__(self, images, source_px):
+        self.images, self.source_px = images, source_px
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key):
+        index, _, batch_seed = key
+        img = self.images[index]["image"]
+        return {"image": resize(center_crop(img, min(img.shape[-2:])), self.source_px), "batch_seed": batch_seed}
+
+
+def auto_source_px(global_crops_size, global_crops_scale):
+    """The smallest square from which a global crop of the smallest area fraction is still global_crops_size px."""
+    return math.ceil(global_crops_size / math.sqrt(global_crops_scale[0]))
 
 
 def batch_to(batch, device):
@@ -802,6 +833,14 @@ if __name__ == "__main__":
         if path and not Path(path).exists():
             raise FileNotFoundError(f"{path} not found (from init_from / init_head_from / train_data)")
     n_local = 0 if global_crops_only else n_local_crops
+    if augment_on_device:
+        if augment_source_px == 0 and not global_crops_scale[0] > 0:
+            raise ValueError(f"augment_source_px=0 (auto) needs global_crops_scale[0] > 0, found {global_crops_scale}; "
+                             f"set augment_source_px")
+        source_px = augment_source_px or auto_source_px(global_crops_size, global_crops_scale)
+        if source_px < global_crops_size:
+            raise ValueError(f"augment_source_px={augment_source_px}: expected 0 (auto) or at least "
+                             f"global_crops_size={global_crops_size}, found {source_px}")
     if head_warmup_iters is None:  # continual pretraining is safe by default
         head_warmup_iters = max_iters // 10 if (init_from and not init_head_from) else 0
     if rollback_drop is None:
@@ -831,9 +870,13 @@ if __name__ == "__main__":
     # -------------------------------------------------------------------- data
     sources = list(train_data) or ["phantom"]
     train_images = torch.utils.data.ConcatDataset([open_images(s, "train", n_phantoms, phantom_size_px) for s in sources])
-    crops = MultiCropDataset(train_images, global_crops_size=global_crops_size, local_crops_size=local_crops_size,
-                             n_local_crops=n_local, global_crops_scale=tuple(global_crops_scale),
-                             local_crops_scale=tuple(local_crops_scale))
+    augmentation = dict(global_crops_size=global_crops_size, local_crops_size=local_crops_size, n_local_crops=n_local,
+                        global_crops_scale=tuple(global_crops_scale), local_crops_scale=tuple(local_crops_scale))
+    if augment_on_device:  # the loader only resizes; the training loop makes the crops
+        crops = SourceImageDataset(train_images, source_px)
+        device_augmentation = BatchedDinoAugmentation(**augmentation)
+    else:
+        crops = MultiCropDataset(train_images, **augmentation)
     eval_sets = None
     if eval_data and eval_every > 0:
         label_column = eval_label_column if str(eval_data).endswith(".csv") else None
@@ -845,6 +888,7 @@ if __name__ == "__main__":
     if master:
         print(f"data: {len(train_images)} training images from {', '.join(sources)}; {global_batch} images "
               f"x (2 global + {n_local} local crops) per step on {world_size()} process(es)"
+              + (f"; crops made on {device} from {source_px} px squares" if augment_on_device else "")
               + (f"; k-NN monitor on {eval_data}: {len(bank[1])} bank / {len(query[1])} queries" if eval_sets else ""))
 
     # -------------------------------------------------------------------- model
@@ -946,6 +990,9 @@ if __name__ == "__main__":
         if stopped:
             break
         batch = batch_to(next(data_iter), device)
+        if augment_on_device:  # drawn from (seed, step, rank): a resumed run makes the same crops, ranks differ
+            generator = torch.Generator(device).manual_seed(item_seed(seed, step, rank(), 2))
+            batch.update(device_augmentation(batch.pop("images"), generator))
         values = {k: float(v[step]) for k, v in schedules.items()}
         losses, monitors = train_step(student, teacher, optimizer, batch, values, centers, clip_grad,
                                       freeze_backbone=step < head_warmup_iters, **loss_kwargs)

@@ -28,3 +28,4 @@ eval_every = 250
 eval_max_images = 2000
 ckpt_every = 500
 num_workers = 14
+augment_on_device = True  # a GPU recipe: the crops are made on the GPU in batches, the CPU loader only resizes

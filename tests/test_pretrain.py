@@ -455,3 +455,70 @@ def test_guard_rail_stops_on_a_falling_score_and_the_best_checkpoint_on_disk_has
     for k, v in snapshots[2].items():
         assert torch.equal(on_disk[f"teacher.{k}"], v)
     assert not torch.equal(on_disk["teacher.dino_head.mlp.0.weight"], snapshots[4]["dino_head.mlp.0.weight"])
+
+
+# ----------------------------------------------------------------------------------------------
+# augment_on_device: the loader gives fixed-size images, the training loop makes the crops
+# ----------------------------------------------------------------------------------------------
+
+def test_source_images_collate_draws_the_masks_the_crop_collate_draws():
+    images = P.open_images("phantom", "train", n_phantoms=16, phantom_size_px=40)
+    keys = [(i, P.item_seed(0, i, 0), P.item_seed(0, 3, 0, 1)) for i in range(6)]
+    collate = P.MaskedCollate(4, 0.5, (0.1, 0.5))
+    from_crops = collate([P.MultiCropDataset(images, global_crops_size=32, local_crops_size=16, n_local_crops=2)[k]
+                          for k in keys])
+    from_images = collate([P.SourceImageDataset(images, 57)[k] for k in keys])
+    assert from_images["images"].shape == (6, 3, 57, 57) and "global_crops" not in from_images
+    for k in ("masks", "mask_indices", "masks_weight", "n_masked_patches"):
+        assert torch.equal(from_images[k], from_crops[k]), k
+    assert from_images["masks"].any() and from_images["upperbound"] == from_crops["upperbound"]
+
+
+def test_auto_source_size_keeps_the_smallest_global_crop_at_full_resolution():
+    assert P.auto_source_px(224, (0.32, 1.0)) == 396  # 224 / sqrt(0.32) = 395.98
+    assert P.auto_source_px(64, (0.25, 1.0)) == 128
+    assert P.auto_source_px(48, (1.0, 1.0)) == 48
+
+
+def test_augment_source_px_below_the_global_crop_size_is_an_error(tmp_path):
+    result = run_script(["--augment_on_device=True", "--augment_source_px=24", f"--out_dir={tmp_path}"])
+    assert result.returncode != 0
+    assert "augment_source_px=24: expected 0 (auto) or at least global_crops_size=32" in result.stderr
+
+
+def test_short_run_with_crops_made_on_the_device_lowers_the_loss(tmp_path):
+    out = tmp_path / "run"
+    result = run_script(["--augment_on_device=True", "--max_iters=40", f"--out_dir={out}", "--batch_size=16",
+                         "--n_phantoms=256", "--base_lr=0.02", "--layerscale_init=0.1", "--momentum_teacher=0.9"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "crops made on cpu from 57 px squares" in result.stdout  # ceil(32 / sqrt(0.32))
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    first, last = log[:5], log[-5:]
+    mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)
+    assert mean(last, "total") < mean(first, "total") - 0.5
+    assert mean(last, "ibot") < mean(first, "ibot")
+    assert mean(last, "feat_std") > max(0.3, 1.5 * mean(first, "feat_std"))
+
+
+def test_killed_run_with_crops_made_on_the_device_resumes_bitwise(tmp_path):
+    n = 8
+    common = ["--augment_on_device=True", f"--max_iters={n}", "--ckpt_every=1"]
+    full = run_script(common + [f"--out_dir={tmp_path / 'full'}"])
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    killed_dir = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "pretrain.py", *TINY_RUN, *common, f"--out_dir={killed_dir}"], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while checkpoint_step(killed_dir) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = checkpoint_step(killed_dir)
+    assert 3 <= killed_at < n, f"the run was not killed in time (checkpoint at step {killed_at})"
+
+    resumed = run_script(common + [f"--out_dir={killed_dir}", "--resume=True"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {killed_dir / 'ckpt.safetensors'} at step {killed_at}" in resumed.stdout
+    assert_same_weights(tmp_path / "full" / "ckpt.safetensors", killed_dir / "ckpt.safetensors")
