@@ -1196,15 +1196,20 @@ def resize_weights(start, length, in_size, out_size):
     """(n, out_size, in_size) matrices: row i of matrix k takes pixels [start[k], start[k] + length[k])
     of a line of in_size pixels to output pixel i as resize() does (torch's bicubic with
     antialias=True: the kernel stretched by the shrink factor, weights normalised over the pixels
-    inside the crop)."""
+    inside the crop). The weights are computed on the few taps each output pixel reads, then
+    scattered into the dense matrices."""
     length = length.to(torch.float32)
     scale = length / out_size
-    center = scale[:, None] * (torch.arange(out_size, device=start.device) + 0.5)  # in crop coordinates
-    j = torch.arange(in_size, device=start.device)[None] - start[:, None]          # crop coordinate of each pixel
-    d = (j[:, None, :] + 0.5 - center[:, :, None]) / scale.clamp(min=1)[:, None, None]
-    inside = ((j >= 0) & (j < length[:, None]))[:, None, :]
-    w = _bicubic_antialias_kernel(d) * inside
-    return w / w.sum(-1, keepdim=True)
+    stretch = scale.clamp(min=1)[:, None, None]
+    support = 2 * stretch  # the kernel is zero beyond 2 (stretched) pixels
+    n_taps = math.floor(4 * max(in_size / out_size, 1)) + 2  # enough for the longest crop, the whole line
+    center = scale[:, None, None] * (torch.arange(out_size, device=start.device)[:, None] + 0.5)  # crop coordinates
+    first = torch.floor(center - 0.5 - support) + 1
+    j = first + torch.arange(n_taps, device=start.device)  # (n, out_size, n_taps) crop coordinates
+    w = _bicubic_antialias_kernel((j + 0.5 - center) / stretch) * ((j >= 0) & (j < length[:, None, None]))
+    w = w / w.sum(-1, keepdim=True)
+    column = (start[:, None, None] + j.long()).clamp(0, in_size - 1)  # taps outside the crop carry weight 0
+    return torch.zeros(len(start), out_size, in_size, device=start.device).scatter_add_(2, column, w)
 
 
 def resized_crops(images, boxes, flips, size):

@@ -622,7 +622,7 @@ def unchanged_view_params(n, height, width):
 RESIZE_ATOL = 2e-5
 
 
-@pytest.mark.parametrize("source, size", [(50, 24), (20, 32), (85, 48)])
+@pytest.mark.parametrize("source, size", [(50, 24), (20, 32), (85, 48), (97, 8)])
 def test_batched_view_of_the_whole_image_is_resize(source, size):
     images = torch.rand(3, 3, source, source)
     views = data.apply_view_params(images, unchanged_view_params(3, source, source), size)
