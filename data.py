@@ -1248,7 +1248,7 @@ def color_jitter_per_image(x, apply, order, factors, hue_shift, gray):
         luma = _grayscale(x)
         reference = torch.where(_per_row(op == 0), 0.0,
                                 torch.where(_per_row(op == 1), luma.mean(dim=(1, 2, 3), keepdim=True), luma))
-        x = (factor * x + (1 - factor) * reference).clamp(0, 1)
+        x = torch.lerp(reference, x, factor).clamp_(0, 1)  # exactly x where factor = 1
         if any_colour:
             x = torch.where(_per_row(apply & (op == 3) & ~gray), _adjust_hue(x, hue_shift.view(-1, 1, 1)), x)
     return x
