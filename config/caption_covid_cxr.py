@@ -16,3 +16,4 @@ warmup_steps = 20
 dropout = 0.1
 query_std = 1.0
 layerscale_init = 1e-5
+lr = 1e-3
