@@ -37,7 +37,7 @@ Procedural default data (no files needed)
     PhantomDataset(n, img_size=64, seed=0, split="train", transform=None, pair_transform=None)
 Augmentations (tensors (3,H,W) or (B,3,H,W) in [0,1]; `generator=None` uses torch's global RNG;
 a batch gets one random draw per call)
-    resize, center_crop, resize_mask, random_resized_crop_box, random_resized_crop,
+    resize, center_crop, resize_mask, random_resized_crop_box (fallback_crop_size), random_resized_crop,
     random_horizontal_flip, random_rotation, color_jitter, random_grayscale, gaussian_blur,
     solarize, normalize, denormalize;
     pairs (image, mask): random_resized_crop_pair, random_horizontal_flip_pair, random_rotation_pair
@@ -865,14 +865,19 @@ def random_resized_crop_box(height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 
             top = int(torch.randint(0, height - h + 1, (), generator=generator))
             left = int(torch.randint(0, width - w + 1, (), generator=generator))
             return top, left, h, w
+    h, w = fallback_crop_size(height, width, ratio)
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def fallback_crop_size(height, width, ratio):
+    """(h, w) of RandomResizedCrop's central crop when ten tries found no box: the whole image with
+    its aspect clamped to `ratio`."""
     in_ratio = width / height
     if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+        return int(round(width / min(ratio))), width
+    if in_ratio > max(ratio):
+        return height, int(round(height * max(ratio)))
+    return height, width
 
 
 def random_resized_crop(img, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None):
@@ -1146,13 +1151,7 @@ def random_resized_crop_boxes(n, height, width, scale=(0.08, 1.0), ratio=(3 / 4,
     first = fits.long().argmax(1, keepdim=True)  # argmax gives the first of equal maxima
     found = fits.any(1)
     h, w = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0]
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        fallback_w, fallback_h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        fallback_h, fallback_w = height, int(round(height * max(ratio)))
-    else:
-        fallback_w, fallback_h = width, height
+    fallback_h, fallback_w = fallback_crop_size(height, width, ratio)
     h = torch.where(found, h, fallback_h)
     w = torch.where(found, w, fallback_w)
     # randint(0, height - h + 1) of the reference, as the floor of a uniform draw

@@ -305,9 +305,15 @@ def tiny_backbone_file(tmp_path_factory):
 def test_killed_run_resumes_bitwise_even_in_the_middle_of_the_head_warmup(tmp_path, tiny_backbone_file):
     n = 10
     common = [f"--max_iters={n}", "--ckpt_every=1", f"--init_from={tiny_backbone_file}", "--head_warmup_iters=6"]
+    full = assert_killed_run_resumes_to_the_same_weights(tmp_path, common, n)
+    assert "[heads only]" in full.stdout
+
+
+def assert_killed_run_resumes_to_the_same_weights(tmp_path, common, n):
+    """Run n steps (checkpoint every step) in one go; run them again, SIGKILL it after step 3 and
+    resume: the two final checkpoints must be bitwise equal. Returns the uninterrupted run."""
     full = run_script(common + [f"--out_dir={tmp_path / 'full'}"])
     assert full.returncode == 0, full.stderr[-3000:]
-    assert "[heads only]" in full.stdout
 
     killed_dir = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -325,6 +331,7 @@ def test_killed_run_resumes_bitwise_even_in_the_middle_of_the_head_warmup(tmp_pa
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {killed_dir / 'ckpt.safetensors'} at step {killed_at}" in resumed.stdout
     assert_same_weights(tmp_path / "full" / "ckpt.safetensors", killed_dir / "ckpt.safetensors")
+    return full
 
 
 def tiny_training_state():
@@ -502,23 +509,5 @@ def test_short_run_with_crops_made_on_the_device_lowers_the_loss(tmp_path):
 
 def test_killed_run_with_crops_made_on_the_device_resumes_bitwise(tmp_path):
     n = 8
-    common = ["--augment_on_device=True", f"--max_iters={n}", "--ckpt_every=1"]
-    full = run_script(common + [f"--out_dir={tmp_path / 'full'}"])
-    assert full.returncode == 0, full.stderr[-3000:]
-
-    killed_dir = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "pretrain.py", *TINY_RUN, *common, f"--out_dir={killed_dir}"], cwd=REPO,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 240
-    while checkpoint_step(killed_dir) < 3 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = checkpoint_step(killed_dir)
-    assert 3 <= killed_at < n, f"the run was not killed in time (checkpoint at step {killed_at})"
-
-    resumed = run_script(common + [f"--out_dir={killed_dir}", "--resume=True"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from {killed_dir / 'ckpt.safetensors'} at step {killed_at}" in resumed.stdout
-    assert_same_weights(tmp_path / "full" / "ckpt.safetensors", killed_dir / "ckpt.safetensors")
+    assert_killed_run_resumes_to_the_same_weights(tmp_path, ["--augment_on_device=True", f"--max_iters={n}",
+                                                             "--ckpt_every=1"], n)
