@@ -451,14 +451,28 @@ def ssl_losses(student, teacher, batch, teacher_temp, centers, *, centering="sin
         losses["ibot"] = ibot_loss_weight * ibot_loss(s_patch_logits, ibot_targets, masks, student_temp)
     losses["total"] = sum(losses.values())
 
-    with torch.no_grad():  # collapse monitors: ~1 healthy, -> 0 collapsed
+    with torch.no_grad():  # collapse monitors (see head_information for the one that matters most)
         feats = F.normalize(out["x_norm_clstoken"].float(), dim=-1)
         monitors = {
             "feat_std": float(feats.std(dim=0).mean() * math.sqrt(feats.shape[1])),
-            "teacher_entropy": float(-(dino_targets * dino_targets.clamp_min(1e-12).log()).sum(-1).mean()
-                                     / math.log(dino_targets.shape[1])),
+            "teacher_entropy": float(entropy(dino_targets).mean() / math.log(dino_targets.shape[1])),
+            "head_info": head_information(F.softmax(s_global_logits.detach() / student_temp, dim=-1)),
         }
     return losses, monitors
+
+
+def entropy(probs):
+    return -(probs * probs.clamp_min(1e-12).log()).sum(-1)
+
+
+def head_information(probs):
+    """How much the student's DINO prototype assignment says about the image, as a fraction of log K:
+    the mutual information H(mean p) - mean H(p) over the batch, divided by log K. Both of DINO's
+    collapses give 0: every image mapped to the same prototype, or every image to the uniform
+    distribution (the DINO loss then sits at log K while KoLeo alone keeps the backbone's features
+    apart, so feat_std looks healthy). Local to this rank's batch."""
+    probs = probs.float()
+    return float((entropy(probs.mean(0)) - entropy(probs).mean()) / math.log(probs.shape[1]))
 
 
 def train_step(student, teacher, optimizer, batch, values, centers, clip_grad=3.0, freeze_backbone=False,
@@ -1013,7 +1027,8 @@ if __name__ == "__main__":
             print(f"step {done}/{max_iters} | loss {losses['total']:.4f} ({terms}) | lr {values['lr']:.2e} "
                   f"bb_lr {values['backbone_lr']:.2e} wd {values['wd']:.3f} mom {values['momentum']:.4f} "
                   f"t_temp {values['teacher_temp']:.3f} | feat_std {monitors['feat_std']:.3f} "
-                  f"t_entropy {monitors['teacher_entropy']:.3f} | {speed:.0f} img/s | ETA {format_duration(eta)}{frozen}",
+                  f"t_entropy {monitors['teacher_entropy']:.3f} head_info {monitors['head_info']:.3f} | "
+                  f"{speed:.0f} img/s | ETA {format_duration(eta)}{frozen}",
                   flush=True)
             with open(log_path, "a") as f:
                 f.write(json.dumps({"step": done, **losses, **values, **monitors, "img_per_s": speed}) + "\n")

@@ -40,6 +40,7 @@ phantom_sizes = (600, 200, 200)  # train, val, test
 init_from = ""                # any backbone model.load_backbone reads; "" = RANDOM INIT (a baseline)
 arch = "tiny"                 # random init only: ViT size, patch and the size of its position grid
 patch_size = 8
+depth = 0                     # random init only: > 0 overrides the size's number of blocks (as pretrain.py's depth)
 layerscale_init = 0.1         # random init only: LayerScale start. 0.1 is pretrain.py's default, so the random
                               # baseline is the very network pretraining starts from (DINOv2's 1e-5 makes the
                               # blocks near-identities: a random projection of the pixels, a different baseline)
@@ -597,7 +598,7 @@ if __name__ == "__main__":
           + f" | classes {class_names}")
 
     # ---- one evaluation per seed: backbone, features (cached), linear probe, k-NN, metadata probe
-    arch_name = f"vit-{arch}-p{patch_size}-{img_size}-ls{layerscale_init}"
+    arch_name = f"vit-{arch}{f'-d{depth}' if depth else ''}-p{patch_size}-{img_size}-ls{layerscale_init}"
     layer_tag = "" if not layers else "-L" + "_".join(map(str, layers))
     runs, model = [], None
     for seed in seeds:
@@ -607,7 +608,9 @@ if __name__ == "__main__":
             model = load_backbone(init_from)
             print(f"backbone: {init_from} (seed {seed} only shuffles the CV folds)")
         else:
-            model = ViT(vit_config(arch, patch_size=patch_size, img_size=img_size, layerscale_init=layerscale_init))
+            size_overrides = {"depth": depth} if depth > 0 else {}
+            model = ViT(vit_config(arch, patch_size=patch_size, img_size=img_size, layerscale_init=layerscale_init,
+                                   **size_overrides))
             print(f"backbone: RANDOM INIT {arch_name} seed {seed} (no init_from): a random-feature baseline")
         tag = backbone_tag(init_from, arch_name, seed)
         extract = dict(batch_size=batch_size, kind=feature_kind, layers=list(layers) or None, device=device)

@@ -389,7 +389,9 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint
 
 def assert_loss_falls_and_features_spread(log_path):
     """Over a short run's log.jsonl, the last five logged steps against the first five: the total loss
-    falls by more than 0.5, the iBOT loss falls, and the teacher's CLS features spread."""
+    falls by more than 0.5, the iBOT loss falls, and the teacher's CLS features spread (no backbone
+    collapse). Not asserted: that DINO leaves its uniform state. In runs this short it does not (the
+    DINO loss ends at log K and head_info near 0); README, "What the short runs learn", says why."""
     log = [json.loads(line) for line in log_path.read_text().splitlines()]
     first, last = log[:5], log[-5:]
     mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)
@@ -399,7 +401,24 @@ def assert_loss_falls_and_features_spread(log_path):
     assert mean(last, "feat_std") > max(0.3, 1.5 * mean(first, "feat_std"))
 
 
-def test_short_run_on_phantoms_lowers_the_loss_and_does_not_collapse(tmp_path):
+def test_head_information_is_zero_for_both_collapses_and_one_for_distinct_prototypes():
+    K = 16
+    uniform = torch.full((8, K), 1.0 / K)
+    one_prototype = torch.zeros(8, K)
+    one_prototype[:, 3] = 1.0
+    same_soft_output = torch.softmax(torch.randn(1, K), -1).expand(8, K)
+    distinct = torch.eye(K)
+    assert P.head_information(uniform) == pytest.approx(0.0, abs=1e-6)
+    assert P.head_information(one_prototype) == pytest.approx(0.0, abs=1e-6)
+    assert P.head_information(same_soft_output) == pytest.approx(0.0, abs=1e-6)
+    assert P.head_information(distinct) == pytest.approx(1.0, abs=1e-6)
+    # two groups of images, each sure of its own prototype: log 2 of the log K nats
+    halves = torch.zeros(8, K)
+    halves[:4, 0] = halves[4:, 1] = 1.0
+    assert P.head_information(halves) == pytest.approx(math.log(2) / math.log(K), abs=1e-6)
+
+
+def test_short_run_on_phantoms_lowers_the_loss_and_spreads_the_features(tmp_path):
     out = tmp_path / "run"
     result = run_script(["--max_iters=40", f"--out_dir={out}", "--batch_size=16", "--n_phantoms=256",
                          "--eval_every=40", "--eval_max_images=128", "--base_lr=0.02", "--layerscale_init=0.1",
