@@ -391,7 +391,7 @@ def assert_loss_falls_and_features_spread(log_path):
     """Over a short run's log.jsonl, the last five logged steps against the first five: the total loss
     falls by more than 0.5, the iBOT loss falls, and the teacher's CLS features spread (no backbone
     collapse). Not asserted: that DINO leaves its uniform state. In runs this short it does not (the
-    DINO loss ends at log K and head_info near 0); README, "What the short runs learn", says why."""
+    DINO loss ends at log K and head_info near 0); README, Status, "Known gap", says why."""
     log = [json.loads(line) for line in log_path.read_text().splitlines()]
     first, last = log[:5], log[-5:]
     mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)
