@@ -47,8 +47,8 @@ a batch gets one random draw per call)
 The same views for a batch at once, on any device (every random choice still drawn per image)
     BatchedDinoAugmentation(...)(images (B,3,H,W), generator=None)
         -> {"global_crops" (2B,3,G,G), "local_crops" (nB,3,L,L) or None}, collate_dino_batch's layout
-    sample_view_params(n_images, height, width, scale, blur_probs, solarize_probs, generator=None,
-                       device="cpu") -> dict of per-view tensors (box, flip, jitter, ..., solarize)
+    sample_view_params(n_images, height, width, scale, blur_probs, solarize_probs, jitter=DINO_JITTER,
+                       generator=None, device="cpu") -> dict of per-view tensors (box, flip, jitter, ..., solarize)
     apply_view_params(images, params, size) -> normalised views (pure)
     random_resized_crop_boxes(n, height, width, scale, ratio, generator=None, device="cpu") -> long (n, 4)
     resize_weights, resized_crops, color_jitter_per_image, gaussian_blur_per_image
@@ -1088,6 +1088,7 @@ DINO_JITTER_P, DINO_GRAYSCALE_P, DINO_BLUR_SIGMA = 0.8, 0.2, (0.1, 2.0)
 class DinoAugmentation:
     """DINOv2's multi-crop views of one image (3,H,W) in [0,1] -> {"global_crops": [2 normalised
     (3,G,G)], "local_crops": [n_local_crops normalised (3,L,L)]}.
+    `jitter` (brightness, contrast, saturation, hue) and `solarize_p` set the photometric strengths.
 
     Each crop: random resized crop (bicubic) + horizontal flip, colour jitter (0.4, 0.4, 0.2, 0.1)
     with p=0.8, grayscale p=0.2; then global 1: blur p=1.0; global 2: blur p=0.1 + solarize p=0.2;
@@ -1102,17 +1103,17 @@ class DinoAugmentation:
 
     def __init__(self, global_crops_size=224, local_crops_size=96, n_local_crops=8,
                  global_crops_scale=(0.32, 1.0), local_crops_scale=(0.05, 0.32),
-                 blur_probs=(1.0, 0.1, 0.5), solarize_p=0.2, generator=None):
+                 blur_probs=(1.0, 0.1, 0.5), solarize_p=0.2, jitter=DINO_JITTER, generator=None):
         self.global_crops_size, self.local_crops_size = global_crops_size, local_crops_size
         self.n_local_crops = n_local_crops
         self.global_crops_scale, self.local_crops_scale = global_crops_scale, local_crops_scale
-        self.blur_probs, self.solarize_p, self.generator = blur_probs, solarize_p, generator
+        self.blur_probs, self.solarize_p, self.jitter, self.generator = blur_probs, solarize_p, tuple(jitter), generator
 
     def _view(self, img, size, scale, blur_p, solarize_p):
         g = self.generator
         x = random_resized_crop(img, size, scale, generator=g)
         x = random_horizontal_flip(x, p=0.5, generator=g)
-        x = color_jitter(x, *DINO_JITTER, p=DINO_JITTER_P, generator=g)
+        x = color_jitter(x, *self.jitter, p=DINO_JITTER_P, generator=g)
         x = random_grayscale(x, p=DINO_GRAYSCALE_P, generator=g)
         x = gaussian_blur(x, DINO_BLUR_SIGMA, p=blur_p, generator=g)
         if solarize_p:
@@ -1160,15 +1161,16 @@ def random_resized_crop_boxes(n, height, width, scale=(0.08, 1.0), ratio=(3 / 4,
     return torch.stack([top, left, h, w], 1)
 
 
-def sample_view_params(n_images, height, width, scale, blur_probs, solarize_probs, generator=None, device="cpu"):
+def sample_view_params(n_images, height, width, scale, blur_probs, solarize_probs, jitter=DINO_JITTER, generator=None,
+                       device="cpu"):
     """Every random choice of len(blur_probs) DinoAugmentation views of n_images images of height x
     width, drawn per view: row v * n_images + i is view v of image i (view-major, as the crops are
     collated). View v blurs with probability blur_probs[v] and solarizes with solarize_probs[v]."""
     n = len(blur_probs) * n_images
     rand = lambda *shape: torch.rand(shape, generator=generator, device=device)
     per_view = lambda probs: torch.tensor(probs, device=device).repeat_interleave(n_images)
-    strengths = torch.tensor(DINO_JITTER[:3], device=device)
-    hue = DINO_JITTER[3]
+    strengths = torch.tensor(jitter[:3], device=device, dtype=torch.float32)
+    hue = jitter[3]
     return {
         "box": random_resized_crop_boxes(n, height, width, scale, generator=generator, device=device),
         "flip": rand(n) < 0.5,
@@ -1296,22 +1298,22 @@ class BatchedDinoAugmentation:
 
     def __init__(self, global_crops_size=224, local_crops_size=96, n_local_crops=8,
                  global_crops_scale=(0.32, 1.0), local_crops_scale=(0.05, 0.32),
-                 blur_probs=(1.0, 0.1, 0.5), solarize_p=0.2):
+                 blur_probs=(1.0, 0.1, 0.5), solarize_p=0.2, jitter=DINO_JITTER):
         self.global_crops_size, self.local_crops_size = global_crops_size, local_crops_size
         self.n_local_crops = n_local_crops
         self.global_crops_scale, self.local_crops_scale = global_crops_scale, local_crops_scale
-        self.blur_probs, self.solarize_p = blur_probs, solarize_p
+        self.blur_probs, self.solarize_p, self.jitter = blur_probs, solarize_p, tuple(jitter)
 
     def __call__(self, images, generator=None):
         B, _, H, W = images.shape
         blur_global1, blur_global2, blur_local = self.blur_probs
         draw = dict(generator=generator, device=images.device)
         global_params = sample_view_params(B, H, W, self.global_crops_scale, (blur_global1, blur_global2),
-                                           (0.0, self.solarize_p), **draw)
+                                           (0.0, self.solarize_p), self.jitter, **draw)
         out = {"global_crops": apply_view_params(images, global_params, self.global_crops_size), "local_crops": None}
         if self.n_local_crops:
             local_params = sample_view_params(B, H, W, self.local_crops_scale, (blur_local,) * self.n_local_crops,
-                                              (0.0,) * self.n_local_crops, **draw)
+                                              (0.0,) * self.n_local_crops, self.jitter, **draw)
             out["local_crops"] = apply_view_params(images, local_params, self.local_crops_size)
         return out
 

@@ -94,6 +94,9 @@ global_crops_only = False  # True: OmniRad (2 global crops, no local crops)
 n_local_crops = 8         # RAD-DINO / DINOv2: 8 local crops (ignored when global_crops_only)
 global_crops_scale = (0.32, 1.0)
 local_crops_scale = (0.05, 0.32)
+color_jitter = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue strengths, applied with p=0.8 (DINOv2)
+solarize_p = 0.2          # second global crop (DINOv2). On small radiographs both swamp the image (the
+                          # view_corr monitor; README, "Known gap")
 mask_probability = 0.5    # fraction of global crops that get iBOT masks
 mask_ratio_min_max = (0.1, 0.5)
 # losses
@@ -457,6 +460,7 @@ def ssl_losses(student, teacher, batch, teacher_temp, centers, *, centering="sin
             "feat_std": float(feats.std(dim=0).mean() * math.sqrt(feats.shape[1])),
             "teacher_entropy": float(entropy(dino_targets).mean() / math.log(dino_targets.shape[1])),
             "head_info": head_information(F.softmax(s_global_logits.detach() / student_temp, dim=-1)),
+            "view_corr": view_correlation(*out["x_norm_clstoken"].float().chunk(2)),
         }
     return losses, monitors
 
@@ -473,6 +477,18 @@ def head_information(probs):
     apart, so feat_std looks healthy). Local to this rank's batch."""
     probs = probs.float()
     return float((entropy(probs.mean(0)) - entropy(probs).mean()) / math.log(probs.shape[1]))
+
+
+def view_correlation(a, b):
+    """How much two views of the same images agree beyond what all images share: the correlation of
+    their features (B, D) after removing the batch mean. 1: the views agree; ~0: the augmentation
+    swamps the image. DINO matches views, so it can only sharpen what the views agree on; by a
+    linearised argument, the image-specific part of the head output grows when
+    view_corr * student_temp / teacher_temp > 1 and shrinks into the uniform collapse otherwise.
+    Local to this rank's batch."""
+    mean = torch.cat([a, b]).mean(0)
+    a, b = a - mean, b - mean
+    return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12))
 
 
 def train_step(student, teacher, optimizer, batch, values, centers, clip_grad=3.0, freeze_backbone=False,
@@ -839,6 +855,11 @@ if __name__ == "__main__":
             raise ValueError(f"{key}={value}: expected a multiple of the patch size {patch_size}")
     if len(mask_ratio_min_max) != 2 or not 0 <= mask_ratio_min_max[0] <= mask_ratio_min_max[1] <= 1:
         raise ValueError(f"mask_ratio_min_max: expected (min, max) in [0, 1], found {mask_ratio_min_max}")
+    if len(color_jitter) != 4 or min(color_jitter) < 0 or color_jitter[3] > 0.5:
+        raise ValueError(f"color_jitter: expected (brightness, contrast, saturation, hue) >= 0 with hue <= 0.5, "
+                         f"found {color_jitter}")
+    if not 0 <= solarize_p <= 1:
+        raise ValueError(f"solarize_p: expected a probability in [0, 1], found {solarize_p}")
     if batch_size < 2 and koleo_loss_weight > 0:
         raise ValueError(f"batch_size={batch_size}: KoLeo needs at least 2 images per batch (or koleo_loss_weight=0)")
     if resume and not (Path(out_dir) / "ckpt.safetensors").is_file():
@@ -885,7 +906,8 @@ if __name__ == "__main__":
     sources = list(train_data) or ["phantom"]
     train_images = torch.utils.data.ConcatDataset([open_images(s, "train", n_phantoms, phantom_size_px) for s in sources])
     augmentation = dict(global_crops_size=global_crops_size, local_crops_size=local_crops_size, n_local_crops=n_local,
-                        global_crops_scale=tuple(global_crops_scale), local_crops_scale=tuple(local_crops_scale))
+                        global_crops_scale=tuple(global_crops_scale), local_crops_scale=tuple(local_crops_scale),
+                        jitter=tuple(color_jitter), solarize_p=solarize_p)
     if augment_on_device:  # the loader only resizes; the training loop makes the crops
         crops = SourceImageDataset(train_images, source_px)
         device_augmentation = BatchedDinoAugmentation(**augmentation)
@@ -1027,7 +1049,8 @@ if __name__ == "__main__":
             print(f"step {done}/{max_iters} | loss {losses['total']:.4f} ({terms}) | lr {values['lr']:.2e} "
                   f"bb_lr {values['backbone_lr']:.2e} wd {values['wd']:.3f} mom {values['momentum']:.4f} "
                   f"t_temp {values['teacher_temp']:.3f} | feat_std {monitors['feat_std']:.3f} "
-                  f"t_entropy {monitors['teacher_entropy']:.3f} head_info {monitors['head_info']:.3f} | "
+                  f"t_entropy {monitors['teacher_entropy']:.3f} head_info {monitors['head_info']:.3f} "
+                  f"view_corr {monitors['view_corr']:.2f} | "
                   f"{speed:.0f} img/s | ETA {format_duration(eta)}{frozen}",
                   flush=True)
             with open(log_path, "a") as f:

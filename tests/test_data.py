@@ -604,6 +604,34 @@ def test_dino_augmentation_follows_dinov2_asymmetric_recipe(monkeypatch):
     assert [p for name, p in calls if name == "random_grayscale"] == [0.2] * 4
 
 
+def test_dino_augmentation_uses_the_given_jitter_strengths_and_solarize_p(monkeypatch):
+    calls = []
+    for name in ("color_jitter", "solarize"):
+        def recording(img, *args, _name=name, _original=getattr(data, name), **kwargs):
+            calls.append((_name, args, kwargs["p"]))
+            return _original(img, *args, **kwargs)
+
+        monkeypatch.setattr(data, name, recording)
+    data.DinoAugmentation(32, 16, 1, jitter=(0.2, 0.1, 0.0, 0.0), solarize_p=0.0)(torch.rand(3, 40, 40))
+    assert [args for name, args, _ in calls if name == "color_jitter"] == [(0.2, 0.1, 0.0, 0.0)] * 3
+    assert [p for name, _, p in calls if name == "solarize"] == []  # p=0 skips the call
+
+
+def test_batched_augmentation_uses_the_given_jitter_strengths_and_solarize_p(monkeypatch):
+    draws = []
+    def recording(*args, _original=data.sample_view_params, **kwargs):
+        draws.append(_original(*args, **kwargs))
+        return draws[-1]
+
+    monkeypatch.setattr(data, "sample_view_params", recording)
+    augment = data.BatchedDinoAugmentation(32, 16, 0, jitter=(0.2, 0.1, 0.0, 0.0), solarize_p=0.0)
+    augment(torch.rand(500, 3, 40, 40), generator=torch.Generator().manual_seed(0))
+    strengths = torch.tensor([0.2, 0.1, 0.0])
+    spread = (draws[0]["jitter_factors"] - 1).abs().amax(0)  # factors ~ U(1 - x, 1 + x)
+    assert (spread <= strengths + 1e-6).all() and (spread >= 0.95 * strengths).all()
+    assert not draws[0]["solarize"].any() and (draws[0]["hue_shift"] == 0).all()
+
+
 # ----------------------------------------------------------------------------------------------
 # BatchedDinoAugmentation: the same views, a whole batch at once, every draw per image
 # ----------------------------------------------------------------------------------------------
@@ -764,7 +792,7 @@ def test_batched_crop_boxes_follow_the_reference_distribution():
 
 def test_batched_view_draws_follow_dinov2s_probabilities_per_view():
     n = 4000
-    params = data.sample_view_params(n, 64, 64, (0.32, 1.0), (1.0, 0.1), (0.0, 0.2), torch.Generator().manual_seed(0))
+    params = data.sample_view_params(n, 64, 64, (0.32, 1.0), (1.0, 0.1), (0.0, 0.2), generator=torch.Generator().manual_seed(0))
     first, second = slice(0, n), slice(n, 2 * n)
     assert params["blur"][first].all() and abs(params["blur"][second].double().mean() - 0.1) < 0.02
     assert not params["solarize"][first].any() and abs(params["solarize"][second].double().mean() - 0.2) < 0.03

@@ -418,6 +418,17 @@ def test_head_information_is_zero_for_both_collapses_and_one_for_distinct_protot
     assert P.head_information(halves) == pytest.approx(math.log(2) / math.log(K), abs=1e-6)
 
 
+def test_view_correlation_ignores_the_shared_feature_and_measures_per_image_agreement():
+    g = torch.Generator().manual_seed(0)
+    shared = 5 * torch.randn(1, 64, generator=g)  # what every image has in common: must not count
+    images = torch.randn(4096, 64, generator=g)
+    noise_a, noise_b = torch.randn(2, 4096, 64, generator=g)
+    assert P.view_correlation(shared + images, shared + images) == pytest.approx(1.0, abs=1e-5)
+    assert P.view_correlation(shared + noise_a, shared + noise_b) == pytest.approx(0.0, abs=0.02)
+    # image variance 1, view noise variance 1 per view: half of each view is the image
+    assert P.view_correlation(shared + images + noise_a, shared + images + noise_b) == pytest.approx(0.5, abs=0.02)
+
+
 def test_short_run_on_phantoms_lowers_the_loss_and_spreads_the_features(tmp_path):
     out = tmp_path / "run"
     result = run_script(["--max_iters=40", f"--out_dir={out}", "--batch_size=16", "--n_phantoms=256",
