@@ -95,6 +95,7 @@ n_local_crops = 8         # RAD-DINO / DINOv2: 8 local crops (ignored when globa
 global_crops_scale = (0.32, 1.0)
 local_crops_scale = (0.05, 0.32)
 color_jitter = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue strengths, applied with p=0.8 (DINOv2)
+blur_probs = (1.0, 0.1, 0.5)  # Gaussian blur (sigma 0.1-2 px) of global crop 1, global crop 2, local crops (DINOv2)
 solarize_p = 0.2          # second global crop (DINOv2). On small radiographs both swamp the image (the
                           # view_corr monitor; README, "Known gap")
 mask_probability = 0.5    # fraction of global crops that get iBOT masks
@@ -858,6 +859,8 @@ if __name__ == "__main__":
     if len(color_jitter) != 4 or min(color_jitter) < 0 or color_jitter[3] > 0.5:
         raise ValueError(f"color_jitter: expected (brightness, contrast, saturation, hue) >= 0 with hue <= 0.5, "
                          f"found {color_jitter}")
+    if len(blur_probs) != 3 or not all(0 <= p <= 1 for p in blur_probs):
+        raise ValueError(f"blur_probs: expected 3 probabilities (global 1, global 2, local) in [0, 1], found {blur_probs}")
     if not 0 <= solarize_p <= 1:
         raise ValueError(f"solarize_p: expected a probability in [0, 1], found {solarize_p}")
     if batch_size < 2 and koleo_loss_weight > 0:
@@ -907,7 +910,7 @@ if __name__ == "__main__":
     train_images = torch.utils.data.ConcatDataset([open_images(s, "train", n_phantoms, phantom_size_px) for s in sources])
     augmentation = dict(global_crops_size=global_crops_size, local_crops_size=local_crops_size, n_local_crops=n_local,
                         global_crops_scale=tuple(global_crops_scale), local_crops_scale=tuple(local_crops_scale),
-                        jitter=tuple(color_jitter), solarize_p=solarize_p)
+                        jitter=tuple(color_jitter), blur_probs=tuple(blur_probs), solarize_p=solarize_p)
     if augment_on_device:  # the loader only resizes; the training loop makes the crops
         crops = SourceImageDataset(train_images, source_px)
         device_augmentation = BatchedDinoAugmentation(**augmentation)

@@ -604,28 +604,32 @@ def test_dino_augmentation_follows_dinov2_asymmetric_recipe(monkeypatch):
     assert [p for name, p in calls if name == "random_grayscale"] == [0.2] * 4
 
 
-def test_dino_augmentation_uses_the_given_jitter_strengths_and_solarize_p(monkeypatch):
+def test_dino_augmentation_uses_the_given_jitter_strengths_blur_and_solarize_p(monkeypatch):
     calls = []
-    for name in ("color_jitter", "solarize"):
+    for name in ("color_jitter", "solarize", "gaussian_blur"):
         def recording(img, *args, _name=name, _original=getattr(data, name), **kwargs):
             calls.append((_name, args, kwargs["p"]))
             return _original(img, *args, **kwargs)
 
         monkeypatch.setattr(data, name, recording)
-    data.DinoAugmentation(32, 16, 1, jitter=(0.2, 0.1, 0.0, 0.0), solarize_p=0.0)(torch.rand(3, 40, 40))
+    data.DinoAugmentation(32, 16, 1, jitter=(0.2, 0.1, 0.0, 0.0), blur_probs=(0.0, 0.3, 0.6),
+                          solarize_p=0.0)(torch.rand(3, 40, 40))
     assert [args for name, args, _ in calls if name == "color_jitter"] == [(0.2, 0.1, 0.0, 0.0)] * 3
+    assert [p for name, _, p in calls if name == "gaussian_blur"] == [0.0, 0.3, 0.6]  # global 1, global 2, local
     assert [p for name, _, p in calls if name == "solarize"] == []  # p=0 skips the call
 
 
-def test_batched_augmentation_uses_the_given_jitter_strengths_and_solarize_p(monkeypatch):
+def test_batched_augmentation_uses_the_given_jitter_strengths_blur_and_solarize_p(monkeypatch):
     draws = []
     def recording(*args, _original=data.sample_view_params, **kwargs):
         draws.append(_original(*args, **kwargs))
         return draws[-1]
 
     monkeypatch.setattr(data, "sample_view_params", recording)
-    augment = data.BatchedDinoAugmentation(32, 16, 0, jitter=(0.2, 0.1, 0.0, 0.0), solarize_p=0.0)
+    augment = data.BatchedDinoAugmentation(32, 16, 1, jitter=(0.2, 0.1, 0.0, 0.0), blur_probs=(0.0, 0.0, 1.0),
+                                           solarize_p=0.0)
     augment(torch.rand(500, 3, 40, 40), generator=torch.Generator().manual_seed(0))
+    assert not draws[0]["blur"].any() and draws[1]["blur"].all()  # the global crops never blur, the local always
     strengths = torch.tensor([0.2, 0.1, 0.0])
     spread = (draws[0]["jitter_factors"] - 1).abs().amax(0)  # factors ~ U(1 - x, 1 + x)
     assert (spread <= strengths + 1e-6).all() and (spread >= 0.95 * strengths).all()
