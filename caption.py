@@ -368,8 +368,7 @@ def load_pairs(split, n_phantoms):
     import data as datasets  # the module name `data` is taken by the config global
 
     def square(img):
-        side = min(img.shape[-2:])
-        return datasets.resize(datasets.center_crop(img, side), img_size)
+        return datasets.center_square(img, img_size)
 
     if data == "phantom":
         items = datasets.PhantomDataset(n_phantoms, img_size=img_size, seed=seed, split=split)

@@ -37,7 +37,7 @@ Procedural default data (no files needed)
     PhantomDataset(n, img_size=64, seed=0, split="train", transform=None, pair_transform=None)
 Augmentations (tensors (3,H,W) or (B,3,H,W) in [0,1]; `generator=None` uses torch's global RNG;
 a batch gets one random draw per call)
-    resize, center_crop, resize_mask, random_resized_crop_box (fallback_crop_size), random_resized_crop,
+    resize, center_crop, center_square, resize_mask, random_resized_crop_box (fallback_crop_size), random_resized_crop,
     random_horizontal_flip, random_rotation, color_jitter, random_grayscale, gaussian_blur,
     solarize, normalize, denormalize;
     pairs (image, mask): random_resized_crop_pair, random_horizontal_flip_pair, random_rotation_pair
@@ -851,6 +851,12 @@ def center_crop(img, size):
     return img[..., top:top + h, left:left + w]
 
 
+def center_square(img, size):
+    """The largest central square of an image, resized to size x size: how every eval and
+    pretraining source image is made square without stretching it."""
+    return resize(center_crop(img, min(img.shape[-2:])), size)
+
+
 def random_resized_crop_box(height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None):
     """(top, left, h, w) as torchvision's RandomResizedCrop draws it: area fraction ~ U(scale),
     log aspect ~ U(log ratio), ten tries, then a central crop of the clamped aspect."""
@@ -1053,7 +1059,7 @@ class ClassificationTransform:
                 img = random_rotation(img, self.rotation_deg, generator=g)
         else:
             # centre square, then resize: no distortion (RAD-DINO's "centre-cropping and resizing")
-            img = resize(center_crop(img, min(img.shape[-2:])), self.size)
+            img = center_square(img, self.size)
         return normalize(img)
 
 

@@ -46,7 +46,7 @@ from safetensors.torch import load_file
 
 import kernels
 from data import (ArrayImageDataset, BatchedDinoAugmentation, DinoAugmentation, ImageFolderDataset, MaskingGenerator,
-                  PhantomDataset, center_crop, collate_dino_batch, draw_ibot_masks, load_medmnist, normalize, resize)
+                  PhantomDataset, center_square, collate_dino_batch, draw_ibot_masks, load_medmnist, normalize)
 from model import (DINOHead, ViT, ViTConfig, export_hf, load_backbone, load_dino_head, load_state_strict,
                    save_backbone, save_json_atomic, save_safetensors_atomic, vit_config)
 from finetune_cls import format_duration
@@ -621,7 +621,7 @@ class SourceImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, _, batch_seed = key
         img = self.images[index]["image"]
-        return {"image": resize(center_crop(img, min(img.shape[-2:])), self.source_px), "batch_seed": batch_seed}
+        return {"image": center_square(img, self.source_px), "batch_seed": batch_seed}
 
 
 def auto_source_px(global_crops_size, global_crops_scale):
@@ -753,7 +753,7 @@ def eval_tensors(dataset, img_size, max_images, seed=0):
     for i in sorted(order):
         item = dataset[i]
         img = item["image"]
-        img = resize(center_crop(img, min(img.shape[-2:])), img_size)
+        img = center_square(img, img_size)
         images.append(normalize(img))
         labels.append(int(item["label"]))
     return torch.stack(images), torch.tensor(labels)
