@@ -37,8 +37,8 @@ Procedural default data (no files needed)
     PhantomDataset(n, img_size=64, seed=0, split="train", transform=None, pair_transform=None)
 Augmentations (tensors (3,H,W) or (B,3,H,W) in [0,1]; `generator=None` uses torch's global RNG;
 a batch gets one random draw per call)
-    resize, center_crop, center_square, resize_mask, random_resized_crop_box (fallback_crop_size), random_resized_crop,
-    random_horizontal_flip, random_rotation, color_jitter, random_grayscale, gaussian_blur,
+    resize, center_crop, center_square, resize_mask, random_resized_crop_box (fallback_crop_size),
+    random_resized_crop, random_horizontal_flip, random_rotation, color_jitter, random_grayscale, gaussian_blur,
     solarize, normalize, denormalize;
     pairs (image, mask): random_resized_crop_pair, random_horizontal_flip_pair, random_rotation_pair
     ClassificationTransform(size, train, ...)(img) -> normalised (3,size,size)

@@ -95,9 +95,9 @@ n_local_crops = 8         # RAD-DINO / DINOv2: 8 local crops (ignored when globa
 global_crops_scale = (0.32, 1.0)
 local_crops_scale = (0.05, 0.32)
 color_jitter = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue strengths, applied with p=0.8 (DINOv2)
-blur_probs = (1.0, 0.1, 0.5)  # Gaussian blur (sigma 0.1-2 px) of global crop 1, global crop 2, local crops (DINOv2)
 solarize_p = 0.2          # second global crop (DINOv2). On small radiographs both swamp the image (the
                           # view_corr monitor; README, "Known gap")
+blur_probs = (1.0, 0.1, 0.5)  # Gaussian blur (sigma 0.1-2 px) of global crop 1, global crop 2, local crops (DINOv2)
 mask_probability = 0.5    # fraction of global crops that get iBOT masks
 mask_ratio_min_max = (0.1, 0.5)
 # losses
