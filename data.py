@@ -1094,7 +1094,8 @@ DINO_JITTER_P, DINO_GRAYSCALE_P, DINO_BLUR_SIGMA = 0.8, 0.2, (0.1, 2.0)
 class DinoAugmentation:
     """DINOv2's multi-crop views of one image (3,H,W) in [0,1] -> {"global_crops": [2 normalised
     (3,G,G)], "local_crops": [n_local_crops normalised (3,L,L)]}.
-    `jitter` (brightness, contrast, saturation, hue) and `solarize_p` set the photometric strengths.
+    `jitter` (brightness, contrast, saturation, hue), `blur_probs` (global 1, global 2, local) and
+    `solarize_p` set the photometric strengths and probabilities.
 
     Each crop: random resized crop (bicubic) + horizontal flip, colour jitter (0.4, 0.4, 0.2, 0.1)
     with p=0.8, grayscale p=0.2; then global 1: blur p=1.0; global 2: blur p=0.1 + solarize p=0.2;
