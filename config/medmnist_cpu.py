@@ -1,11 +1,11 @@
 # An overlay on config/medmnist_tiny.py for a 2-core CPU (~46 min on one thread): the same data, made small
-# enough that DINO gets thousands of steps: ViT-tiny with 4 blocks, 32 px global / 16 px local crops (MedMNIST is
-# 28 px), batch 32, K=1024, and no photometric augmentations (below).
+# enough that DINO gets thousands of steps: ViT-tiny with 4 blocks, 32 px global / 16 px local crops
+# (MedMNIST is 28 px), batch 32, K=1024, and no photometric augmentations (below).
 #   python pretrain.py config/medmnist_tiny.py config/medmnist_cpu.py --seed=S
 # So set, DINO leaves the uniform collapse that every run with DINOv2's augmentations sat in: after 8000
-# steps the DINO loss is 4.76-4.91 against log K = 6.16 and head_info 0.22-0.23, against 6.04 and ~0.02
-# after 4000 steps with DINOv2's (README, "Known gap"). It freezes the prototypes for 200 steps and uses a
-# slower teacher (0.996).
+# steps the DINO loss is 4.76-4.91 against 6.16 for uniform predictions and head_info 0.22-0.23, against
+# 6.04 and ~0.02 after 4000 steps with DINOv2's (README, "Known gap"). It freezes the prototypes for 200
+# steps and uses a slower teacher (0.996).
 out_dir = "out/pretrain_medmnist_cpu"
 depth = 4
 global_crops_size = 32
