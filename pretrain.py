@@ -138,7 +138,8 @@ rollback_drop = None      # stop when the k-NN accuracy falls this far below its
                           # best.safetensors. None: 0.05 when init_from is given, else off
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype on CUDA; CPU runs fp32
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype. On a CPU, bfloat16 pays only
+                          # with native bf16 matmuls (`lscpu | grep -E "amx|avx512_bf16"`); float32 is exact
 compile = False           # torch.compile the backbones
 # -----------------------------------------------------------------------------
 
@@ -896,9 +897,11 @@ if __name__ == "__main__":
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-    else:
-        autocast = nullcontext  # CPU runs fp32: exact and reproducible
+    autocast = lambda: torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    native_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    if device_type == "cpu" and dtype == "bfloat16" and not native_bf16 and master:
+        print("note: dtype=bfloat16 on a CPU without native bf16 matmuls (AVX512-BF16/AMX): likely slower than "
+              "--dtype=float32 here")
     out = Path(out_dir)
     if master:
         out.mkdir(parents=True, exist_ok=True)
@@ -981,7 +984,7 @@ if __name__ == "__main__":
         print(f"model: ViT D={c.embed_dim} depth={c.depth} patch={c.patch_size} ({n_params / 1e6:.1f}M params), "
               f"DINO head K={centers['dino'].shape[1]}{' + iBOT head' if 'ibot_head' in heads else ''}; lr {lr:.2e} "
               f"(base {base_lr} x sqrt({global_batch}/1024)); head warm-up {head_warmup_iters} it; "
-              f"{centering}; device {device} {dtype if device_type == 'cuda' else 'float32'}")
+              f"{centering}; device {device} {dtype}")
 
     loader = torch.utils.data.DataLoader(
         crops, batch_sampler=StepBatchSampler(len(train_images), batch_size, seed, start_step, max_iters, rank(),

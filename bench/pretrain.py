@@ -1,7 +1,10 @@
 """Images per second of one full pretraining step (teacher forward, student forward + backward,
 gradient clipping, AdamW, teacher EMA) for the OmniRad recipe (2 global crops) and the RAD-DINO /
-DINOv2 recipe (2 global + 8 local crops), with nanorad's Triton kernels (attention, Sinkhorn-Knopp,
-EMA) and with the PyTorch references (NANORAD_KERNELS=ref), and the model FLOP utilisation on a GPU.
+DINOv2 recipe (2 global + 8 local crops), and the model FLOP utilisation on a GPU. On a GPU it compares
+nanorad's Triton kernels (attention, Sinkhorn-Knopp, EMA) with the PyTorch references
+(NANORAD_KERNELS=ref), both under bf16 autocast; on a CPU, fp32 with bf16 autocast (`dtype`), which
+pays on CPUs with native bf16 matmuls (AMX / AVX512-BF16). `speedup` is against the first row of each
+model and recipe: the references on a GPU, fp32 on a CPU.
 
     python bench/pretrain.py                 # GPU: ViT-S/14 and ViT-B/14 at 224 (local crops 98 px), K = 65536
     python bench/pretrain.py --smoke=True    # CPU: ViT-tiny/8 at 64 px, small heads
@@ -84,7 +87,7 @@ def synthetic_batch(n_local, device, generator):
             "masks": masks.to(device)}
 
 
-def bench_one(size, n_local, kernels_choice, device):
+def bench_one(size, n_local, kernels_choice, dtype, device):
     os.environ["NANORAD_KERNELS"] = kernels_choice  # read by kernels/ at every call
     torch.manual_seed(0)
     cfg = vit_config(size, patch_size=patch_size, img_size=global_crops_size, drop_path_rate=0.1)
@@ -95,8 +98,7 @@ def bench_one(size, n_local, kernels_choice, device):
     optimizer = P.build_optimizer(student, 0.9, 0.2, (0.9, 0.999), use_foreach=device.type == "cuda")
     centers = {"dino": torch.zeros(1, head_n_prototypes, device=device), "ibot": torch.zeros(1, head_n_prototypes, device=device)}
     values = {"lr": 1e-4, "last_layer_lr": 1e-4, "backbone_lr": 1e-4, "wd": 0.04, "momentum": 0.994, "teacher_temp": 0.07}
-    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
-                else P.nullcontext)
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     batch = synthetic_batch(n_local, device, torch.Generator().manual_seed(0))
     n_masked = int(batch["masks"].sum())
 
@@ -116,7 +118,7 @@ def bench_one(size, n_local, kernels_choice, device):
     flops = step_flops(cfg, n_local, n_masked)
     peak = next((v for k, v in PEAK_BF16.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
     row = {"model": f"ViT-{size[0].upper()}/{patch_size}", "recipe": f"2+{n_local}" if n_local else "2 global",
-           "kernels": kernels_choice, "batch": batch_size, "step_ms": 1000 * seconds, "img_per_s": batch_size / seconds,
+           "kernels": kernels_choice, "dtype": dtype, "batch": batch_size, "step_ms": 1000 * seconds, "img_per_s": batch_size / seconds,
            "tflops": flops / seconds / 1e12, "mfu": flops / seconds / peak if peak else None,
            "max_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None}
     del student, teacher, optimizer
@@ -134,23 +136,26 @@ if __name__ == "__main__":
     print(f"pretraining step on {name}: {global_crops_size} px global crops, {local_crops_size} px local crops, "
           f"batch {batch_size}, K = {head_n_prototypes}")
     rows = []
-    header = f"{'model':10} {'recipe':9} {'kernels':7} {'step ms':>8} {'img/s':>8} {'TFLOP/s':>8} {'MFU':>6}"
-    print(header)
+    # (kernels, autocast dtype), the baseline first. Triton runs on CUDA only; a CPU uses the references.
+    variants = [("ref", "bfloat16"), ("triton", "bfloat16")] if device.type == "cuda" else [("ref", "float32"), ("ref", "bfloat16")]
+    print(f"{'model':10} {'recipe':9} {'kernels':7} {'dtype':8} {'step ms':>8} {'img/s':>8} {'speedup':>7} "
+          f"{'TFLOP/s':>8} {'MFU':>6}")
     for size in sizes:
         for n_local in (0, n_local_crops):
-            for choice in ("triton", "ref"):
-                if choice == "triton" and device.type != "cuda":
-                    continue  # Triton runs on CUDA only; the CPU path is the reference
+            baseline = None
+            for choice, dtype in variants:
                 try:
-                    row = bench_one(size, n_local, choice, device)
+                    row = bench_one(size, n_local, choice, dtype, device)
                 except torch.cuda.OutOfMemoryError as e:
-                    print(f"{size} 2+{n_local} {choice}: out of memory ({e})")
+                    print(f"{size} 2+{n_local} {choice} {dtype}: out of memory ({e})")
                     torch.cuda.empty_cache()
                     continue
+                baseline = baseline or row
+                row["speedup"] = row["img_per_s"] / baseline["img_per_s"]
                 rows.append(row)
                 mfu = f"{100 * row['mfu']:5.1f}%" if row["mfu"] else "     -"
-                print(f"{row['model']:10} {row['recipe']:9} {choice:7} {row['step_ms']:8.1f} {row['img_per_s']:8.1f} "
-                      f"{row['tflops']:8.2f} {mfu}", flush=True)
+                print(f"{row['model']:10} {row['recipe']:9} {choice:7} {dtype:8} {row['step_ms']:8.1f} "
+                      f"{row['img_per_s']:8.1f} {row['speedup']:6.2f}x {row['tflops']:8.2f} {mfu}", flush=True)
     Path(out_json).parent.mkdir(parents=True, exist_ok=True)
     Path(out_json).write_text(json.dumps({"device": name, "config": config, "rows": rows}, indent=1))
     print(f"wrote {out_json}")

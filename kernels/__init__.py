@@ -23,10 +23,17 @@ def _use_triton(x):
 
 def attention(q, k, v):
     """softmax(q k^T / sqrt(Dh)) v, non-causal, for (B, H, N, Dh) tensors. Triton for fp16/bf16
-    CUDA tensors with Dh in 16/32/64/128; PyTorch's scaled_dot_product_attention otherwise."""
+    CUDA tensors with Dh in 16/32/64/128; PyTorch's scaled_dot_product_attention otherwise (in fp32
+    for bf16 CPU tensors, returned as bf16)."""
     if (_use_triton(q) and q.dtype in (torch.float16, torch.bfloat16) and q.dtype == k.dtype == v.dtype
             and q.shape[-1] in HEAD_DIMS and q.shape == k.shape == v.shape):
         return attention_triton(q, k, v)
+    if not q.is_cuda and q.dtype == torch.bfloat16:
+        # CPU bf16 autocast: PyTorch's CPU attention backward is ~5x slower in bf16 than in fp32 at
+        # ViT-tiny sizes, while the bf16 win is in the matmuls around it; attend in fp32 (autocast
+        # would cast the inputs straight back to bf16).
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v)
 
 

@@ -97,6 +97,23 @@ def test_attention_dispatch_on_cpu_matches_reference():
     torch.testing.assert_close(kernels.attention(q, k, v), attention_reference(q, k, v), atol=1e-5, rtol=1e-5)
 
 
+def test_attention_dispatch_under_cpu_bf16_autocast_keeps_bf16_and_matches_fp32_reference():
+    torch.manual_seed(0)
+    q, k, v = (2 * torch.randn(3, 2, 3, 17, 64)).bfloat16().unbind(0)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = kernels.attention(q, k, v)
+    assert out.dtype == torch.bfloat16  # the fp32 detour is invisible to the caller
+    out.float().pow(2).sum().backward()
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    expected = attention_reference(q32, k32, v32)
+    expected.pow(2).sum().backward()
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=1e-2)  # one bf16 rounding of the output
+    for name, t, t32 in zip("qkv", (q, k, v), (q32, k32, v32)):
+        assert t.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(t.grad.float(), t32.grad, atol=0.1, rtol=5e-2, msg=lambda m: f"d{name}: {m}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Sinkhorn-Knopp
 # ----------------------------------------------------------------------------------------------

@@ -529,12 +529,15 @@ def test_augment_source_px_below_the_global_crop_size_is_an_error(tmp_path):
     assert "augment_source_px=24: expected 0 (auto) or at least global_crops_size=32" in result.stderr
 
 
-def test_short_run_with_crops_made_on_the_device_lowers_the_loss(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16: CPU autocast, as config/medmnist_cpu.py
+def test_short_run_with_crops_made_on_the_device_lowers_the_loss(tmp_path, dtype):
     out = tmp_path / "run"
     result = run_script(["--augment_on_device=True", "--max_iters=40", f"--out_dir={out}", "--batch_size=16",
-                         "--n_phantoms=256", "--base_lr=0.02", "--layerscale_init=0.1", "--momentum_teacher=0.9"])
+                         "--n_phantoms=256", "--base_lr=0.02", "--layerscale_init=0.1", "--momentum_teacher=0.9",
+                         f"--dtype={dtype}"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "crops made on cpu from 57 px squares" in result.stdout  # ceil(32 / sqrt(0.32))
+    assert f"device cpu {dtype}" in result.stdout
     assert_loss_falls_and_features_spread(out / "log.jsonl")
 
 
