@@ -137,7 +137,10 @@ if __name__ == "__main__":
           f"batch {batch_size}, K = {head_n_prototypes}")
     rows = []
     # (kernels, autocast dtype), the baseline first. Triton runs on CUDA only; a CPU uses the references.
-    variants = [("ref", "bfloat16"), ("triton", "bfloat16")] if device.type == "cuda" else [("ref", "float32"), ("ref", "bfloat16")]
+    if device.type == "cuda":
+        variants = [("ref", "bfloat16"), ("triton", "bfloat16")]
+    else:
+        variants = [("ref", "float32"), ("ref", "bfloat16")]
     print(f"{'model':10} {'recipe':9} {'kernels':7} {'dtype':8} {'step ms':>8} {'img/s':>8} {'speedup':>7} "
           f"{'TFLOP/s':>8} {'MFU':>6}")
     for size in sizes:
