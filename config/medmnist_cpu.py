@@ -3,7 +3,7 @@
 # (MedMNIST is 28 px), batch 32, K=1024, bf16 autocast, and no photometric augmentations (below).
 #   python pretrain.py config/medmnist_tiny.py config/medmnist_cpu.py --seed=S
 # So set, DINO leaves the uniform collapse that every run with DINOv2's augmentations sat in: after 14000
-# steps the DINO loss is 4.64-4.79 against 6.16 for uniform predictions and head_info 0.24-0.25, against
+# steps the DINO loss is 4.64-5.03 against 6.16 for uniform predictions and head_info 0.22-0.25, against
 # 6.04 and ~0.02 after 4000 steps with DINOv2's (README, "Known gap"). It freezes the prototypes for 200
 # steps and uses a slower teacher (0.996).
 out_dir = "out/pretrain_medmnist_cpu"
