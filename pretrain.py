@@ -898,8 +898,8 @@ if __name__ == "__main__":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     autocast = lambda: torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-    native_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-    if device_type == "cpu" and dtype == "bfloat16" and not native_bf16 and master:
+    if (device_type == "cpu" and dtype == "bfloat16" and master
+            and not getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()):
         print("note: dtype=bfloat16 on a CPU without native bf16 matmuls (AVX512-BF16/AMX): likely slower than "
               "--dtype=float32 here")
     out = Path(out_dir)
