@@ -65,6 +65,8 @@ log_interval = 10
 # data
 train_data = ()           # sources: MedMNIST .npz (train split), a CSV index with a split column
                           # (train rows), or a folder of images. () = procedural phantoms
+train_repeats = ()        # times each train_data source appears in an epoch, e.g. (1, 8, 14) so that a small
+                          # source is seen about as often as a large one; () = once each
 n_phantoms = 2000
 phantom_size_px = 64
 num_workers = 0           # DataLoader processes making the crops (0 = in the training process)
@@ -868,6 +870,10 @@ if __name__ == "__main__":
         raise ValueError(f"batch_size={batch_size}: KoLeo needs at least 2 images per batch (or koleo_loss_weight=0)")
     if resume and not (Path(out_dir) / "ckpt.safetensors").is_file():
         raise FileNotFoundError(f"resume=True but {Path(out_dir) / 'ckpt.safetensors'} does not exist")
+    if train_repeats and (len(train_repeats) != len(train_data) or not all(
+            isinstance(r, int) and r >= 1 for r in train_repeats)):
+        raise ValueError(f"train_repeats: expected one whole number >= 1 per train_data source "
+                         f"({len(train_data)}), found {train_repeats}")
     for path in [init_from, init_head_from] + [s for s in train_data if s != "phantom"]:
         if path and not Path(path).exists():
             raise FileNotFoundError(f"{path} not found (from init_from / init_head_from / train_data)")
@@ -910,7 +916,9 @@ if __name__ == "__main__":
 
     # -------------------------------------------------------------------- data
     sources = list(train_data) or ["phantom"]
-    train_images = torch.utils.data.ConcatDataset([open_images(s, "train", n_phantoms, phantom_size_px) for s in sources])
+    repeats = list(train_repeats) or [1] * len(sources)
+    opened = [open_images(s, "train", n_phantoms, phantom_size_px) for s in sources]
+    train_images = torch.utils.data.ConcatDataset([d for d, r in zip(opened, repeats) for _ in range(r)])
     augmentation = dict(global_crops_size=global_crops_size, local_crops_size=local_crops_size, n_local_crops=n_local,
                         global_crops_scale=tuple(global_crops_scale), local_crops_scale=tuple(local_crops_scale),
                         jitter=tuple(color_jitter), blur_probs=tuple(blur_probs), solarize_p=solarize_p)
@@ -928,7 +936,8 @@ if __name__ == "__main__":
         n_classes = int(max(bank[1].max(), query[1].max())) + 1
         eval_sets = (bank, query, n_classes)
     if master:
-        print(f"data: {len(train_images)} training images from {', '.join(sources)}; {global_batch} images "
+        print(f"data: {len(train_images)} training images from "
+              f"{', '.join(s if r == 1 else f'{s} x{r}' for s, r in zip(sources, repeats))}; {global_batch} images "
               f"x (2 global + {n_local} local crops) per step on {world_size()} process(es)"
               + (f"; crops made on {device} from {source_px} px squares" if augment_on_device else "")
               + (f"; k-NN monitor on {eval_data}: {len(bank[1])} bank / {len(query[1])} queries" if eval_sets else ""))

@@ -529,6 +529,16 @@ def test_augment_source_px_below_the_global_crop_size_is_an_error(tmp_path):
     assert "augment_source_px=24: expected 0 (auto) or at least global_crops_size=32" in result.stderr
 
 
+def test_train_repeats_repeat_each_source_within_an_epoch(tmp_path):
+    result = run_script(['--train_data=("phantom", "phantom")', "--train_repeats=(1, 3)", "--n_phantoms=64",
+                         "--max_iters=1", f"--out_dir={tmp_path}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "data: 256 training images from phantom, phantom x3;" in result.stdout
+    result = run_script(['--train_data=("phantom",)', "--train_repeats=(1, 3)", f"--out_dir={tmp_path}"])
+    assert result.returncode != 0
+    assert "train_repeats: expected one whole number >= 1 per train_data source (1), found (1, 3)" in result.stderr
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16: CPU autocast, as config/medmnist_cpu.py
 def test_short_run_with_crops_made_on_the_device_lowers_the_loss(tmp_path, dtype):
     out = tmp_path / "run"
