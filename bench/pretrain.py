@@ -121,10 +121,6 @@ def bench_one(size, n_local, kernels_choice, dtype, device):
            "kernels": kernels_choice, "dtype": dtype, "batch": batch_size, "step_ms": 1000 * seconds, "img_per_s": batch_size / seconds,
            "tflops": flops / seconds / 1e12, "mfu": flops / seconds / peak if peak else None,
            "max_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None}
-    del student, teacher, optimizer
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
     return row
 
 
@@ -147,6 +143,9 @@ if __name__ == "__main__":
         for n_local in (0, n_local_crops):
             baseline = None
             for choice, dtype in variants:
+                if device.type == "cuda":  # the last variant's model is gone: count this one's memory alone
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(device)
                 try:
                     row = bench_one(size, n_local, choice, dtype, device)
                 except torch.cuda.OutOfMemoryError as e:

@@ -6,7 +6,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from kernels.attention import HEAD_DIMS, attention_reference, attention_triton
+from kernels.attention import HEAD_DIMS, attention_triton
 from kernels.centering import softmax_center_reference, softmax_center_triton, update_center
 from kernels.ema import ema_reference_, ema_triton_
 from kernels.sinkhorn import sinkhorn_knopp_reference, sinkhorn_knopp_triton
