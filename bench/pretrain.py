@@ -150,7 +150,6 @@ if __name__ == "__main__":
                     row = bench_one(size, n_local, choice, dtype, device)
                 except torch.cuda.OutOfMemoryError as e:
                     print(f"{size} 2+{n_local} {choice} {dtype}: out of memory ({e})")
-                    torch.cuda.empty_cache()
                     continue
                 baseline = baseline or row
                 row["speedup"] = row["img_per_s"] / baseline["img_per_s"]
