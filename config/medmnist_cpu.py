@@ -1,9 +1,9 @@
-# An overlay on config/medmnist_tiny.py for a 2-core CPU (~54 min on one thread): the same data, made small
-# enough that DINO gets thousands of steps: ViT-tiny with 4 blocks, 32 px global / 16 px local crops
+# An overlay on config/medmnist_tiny.py for a 2-core CPU (~46 min alone on both cores): the same data, made
+# small enough that DINO gets thousands of steps: ViT-tiny with 4 blocks, 32 px global / 16 px local crops
 # (MedMNIST is 28 px), batch 32, K=1024, bf16 autocast, and no photometric augmentations (below).
 #   python pretrain.py config/medmnist_tiny.py config/medmnist_cpu.py --seed=S
-# So set, DINO leaves the uniform collapse that every run with DINOv2's augmentations sat in: after 14000
-# steps the DINO loss is 4.64-5.03 against 6.16 for uniform predictions and head_info 0.22-0.25, against
+# So set, DINO leaves the uniform collapse that every run with DINOv2's augmentations sat in: after 20000
+# steps the DINO loss is 4.50-4.64 against 6.16 for uniform predictions and head_info 0.25-0.27, against
 # 6.04 and ~0.02 after 4000 steps with DINOv2's (README, "Known gap"). It freezes the prototypes for 200
 # steps and uses a slower teacher (0.996).
 out_dir = "out/pretrain_medmnist_cpu"
@@ -14,7 +14,7 @@ batch_size = 32
 head_n_prototypes = 1024
 head_hidden_dim = 512
 head_bottleneck_dim = 128
-max_iters = 14000         # ~80 epochs of 5580 images; 8000 steps tied the random ViT on BreastMNIST's linear probe
+max_iters = 20000         # ~115 epochs of 5580 images, 46 min alone; 14000 steps gave a little less on most probes
 warmup_iters = 200
 freeze_last_layer_iters = 200
 teacher_temp_warmup_iters = 600
@@ -25,9 +25,8 @@ ckpt_every = 500
 num_workers = 0
 augment_on_device = True  # on a CPU too: batched crops beat per-image crops in one process (bench/augment.py)
 log_interval = 50
-dtype = "bfloat16"        # CPU autocast: 1.6x the fp32 step on this CPU's AMX, 8000 -> 14000 steps in the hour.
-                          # On a CPU without bf16 matmuls (`lscpu | grep -E "amx|avx512_bf16"` is empty) set
-                          # --dtype=float32 (and expect ~80 min)
+dtype = "bfloat16"        # CPU autocast: 1.6x the fp32 step on this CPU's AMX. On a CPU without bf16 matmuls
+                          # (`lscpu | grep -E "amx|avx512_bf16"` is empty) set --dtype=float32 and expect 1.6x the time
 # Photometric augmentations off: DINOv2's colour jitter and solarization change a random ViT's features
 # of a gray 28 px image more than the image does (view_corr 0.2-0.4 vs 0.9). Its blur (sigma 0.1-2 px) is
 # sized for 224 px crops; at 800 steps turning it off too changed no probe beyond the seed spread.
