@@ -85,6 +85,9 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, H, N, qk_scale,
                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # torch.compile hands Python floats to Triton as fp64, which would make the softmax statistics fp64 and
+    # tl.dot's fp32 accumulator refuse them: keep the scale fp32 as a plain launch passes it.
+    qk_scale = tl.cast(qk_scale, tl.float32)
     n_mblocks = tl.cdiv(N, BLOCK_M)
     pid = tl.program_id(0)
     bh = (pid // n_mblocks).to(tl.int64)
@@ -137,6 +140,7 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, H, N, qk_scale, sm_scale
                         stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                         stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # fp64 under torch.compile
     n_mblocks = tl.cdiv(N, BLOCK_M)
     pid = tl.program_id(0)
     bh = (pid // n_mblocks).to(tl.int64)
@@ -175,6 +179,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, H, N, qk_scale, sm_sc
                           stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
                           stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # fp64 under torch.compile
     n_nblocks = tl.cdiv(N, BLOCK_N)
     pid = tl.program_id(0)
     bh = (pid // n_nblocks).to(tl.int64)
