@@ -2,6 +2,7 @@
 decoding, the frozen-ViT Captioner, the tokenizer, and the hand-written metrics against sacrebleu,
 rouge-score and NLTK (test-only oracles, tests/requirements.txt)."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -245,7 +246,8 @@ def test_default_run_captions_phantoms_well_above_the_constant_caption(tmp_path)
     BLEU-4 was 51.7-56.5 over seeds 0-4 against the constant caption's 24.2-28.4; the old recipe
     (lr 1e-3, 12 epochs) ended at the constant caption for 3 of those 5 seeds."""
     result = subprocess.run([sys.executable, str(REPO / "caption.py"), f"--out_dir={tmp_path}"], cwd=REPO,
-                            capture_output=True, text=True, timeout=900)
+                            capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})  # the CPU run, also on a GPU machine
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads((tmp_path / "results.json").read_text())
     five_beams = next(row for row in results["table"] if row["beams"] == 5 and row["max_tokens"] == 64)

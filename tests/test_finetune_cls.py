@@ -2,6 +2,7 @@
 and head-only invariants, and a short phantom run that must beat chance."""
 import copy
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -231,7 +232,8 @@ def test_head_only_training_leaves_backbone_bit_identical():
 
 def run_script(tmp_path, *args):
     return subprocess.run([sys.executable, str(REPO / "finetune_cls.py"), f"--out_dir={tmp_path}", *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})  # the CPU run, also on a GPU machine
 
 
 def test_bad_mode_is_an_error_before_any_work(tmp_path):
@@ -255,7 +257,7 @@ def test_script_runs_end_to_end_and_writes_the_table_row(tmp_path):
 def test_short_phantom_training_beats_chance():
     import data
 
-    def cached(n, split):  # 32 px phantoms, without augmentation, so that ~90 steps suffice
+    def cached(n, split):  # 32 px phantoms, without augmentation, so that a few hundred steps suffice
         ds = data.PhantomDataset(n, img_size=64, split=split)
         items = [ds[i] for i in range(n)]
         return (torch.stack([data.normalize(data.resize(it["image"], 32)) for it in items]),
@@ -268,11 +270,13 @@ def test_short_phantom_training_beats_chance():
     model = Classifier(vit_model.ViT(cfg), 4, head_features="cls+mean")
     optimizer = make_optimizer(setup_mode(model, "full"), 1e-3, 0.01)
     g = torch.Generator().manual_seed(0)
-    for _ in range(90):
+    for _ in range(250):
         idx = torch.randint(0, len(x), (64,), generator=g)
         train_step(model, optimizer, x[idx], y[idx], multi_label=False)
     with torch.no_grad():
         probs = model.eval()(x_test).softmax(-1)
     test = classification_metrics(y_test, probs, multi_label=False)
-    # 4 balanced classes: chance is 25% accuracy and 50% AUC (256 test images: sd ~2.7% on accuracy)
-    assert test["acc"] > 0.32 and test["auc"] > 0.62, test
+    # 4 balanced classes: chance is 25% accuracy and 50% AUC (256 test images: sd ~2.7% on accuracy). Over
+    # init seeds 0-5, 250 steps gave 48-61% and AUC 0.73-0.85; 90 steps gave 24-42%, so a change of
+    # numerics (another torch or CPU) could fail it.
+    assert test["acc"] > 0.40 and test["auc"] > 0.68, test

@@ -2,6 +2,7 @@
 output shapes at odd input sizes, data loaders, overlays, and a short run on the phantoms."""
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -254,7 +255,8 @@ def test_script_runs_end_to_end_and_writes_json_table_and_overlays(tmp_path, ext
     cmd = [sys.executable, "finetune_seg.py", "--epochs=2", "--batch_size=8", "--n_phantom_train=16",
            "--n_phantom_val=8", "--n_phantom_test=4", "--phantom_px=32", "--img_size=32", "--depth=3",
            "--omnirad_width=16", "--n_overlays=2", f"--out_dir={tmp_path}"] + extra
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})  # the CPU run, also on a GPU machine
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "results.json").read_text())
     assert [r["seed"] for r in summary["runs"]] == list(summary["seeds"])

@@ -273,7 +273,7 @@ TINY_RUN = ["--model_size=tiny", "--depth=2", "--patch_size=8", "--global_crops_
 
 
 def run_script(args, cwd=REPO, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", "CUDA_VISIBLE_DEVICES": ""}  # the runs these tests check are the CPU runs (bitwise resume, fp32), also on a GPU machine
     return subprocess.run([sys.executable, "pretrain.py", *TINY_RUN, *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -316,7 +316,7 @@ def assert_killed_run_resumes_to_the_same_weights(tmp_path, common, n):
     assert full.returncode == 0, full.stderr[-3000:]
 
     killed_dir = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.Popen([sys.executable, "pretrain.py", *TINY_RUN, *common, f"--out_dir={killed_dir}"], cwd=REPO,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
