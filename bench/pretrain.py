@@ -8,6 +8,7 @@ model and recipe: the references on a GPU, fp32 on a CPU.
 
     python bench/pretrain.py                 # GPU: ViT-S/14 and ViT-B/14 at 224 (local crops 98 px), K = 65536
     python bench/pretrain.py --smoke=True    # CPU: ViT-tiny/8 at 64 px, small heads
+    python bench/pretrain.py --compile=True  # adds a row with torch.compile'd backbones (compiled in the warm-up)
 
 Batches are synthetic tensors already on the device: this times the model step, not the data loader.
 FLOPs are counted analytically (2 per multiply-add: patch embedding, attention projections and
@@ -40,6 +41,7 @@ head_hidden_dim = 2048
 head_bottleneck_dim = 256
 warmup_steps = 3
 timed_steps = 10
+compile = False            # also time the Triton step with torch.compile'd backbones (as pretrain.py --compile=True)
 out_json = "out/bench_pretrain.json"
 from config import configure  # noqa: E402
 config = configure(globals())
@@ -87,7 +89,7 @@ def synthetic_batch(n_local, device, generator):
             "masks": masks.to(device)}
 
 
-def bench_one(size, n_local, kernels_choice, dtype, device):
+def bench_one(size, n_local, kernels_choice, dtype, device, compiled=False):
     os.environ["NANORAD_KERNELS"] = kernels_choice  # read by kernels/ at every call
     torch.manual_seed(0)
     cfg = vit_config(size, patch_size=patch_size, img_size=global_crops_size, drop_path_rate=0.1)
@@ -95,6 +97,9 @@ def bench_one(size, n_local, kernels_choice, dtype, device):
     student = nn.ModuleDict({"backbone": backbone, **P.build_heads(cfg.embed_dim, head_n_prototypes, head_hidden_dim,
                                                                     head_bottleneck_dim, 3, False, 0)}).to(device)
     teacher = P.make_teacher(student)
+    if compiled:  # compiles during the warm-up steps, which are not timed
+        for net in (student, teacher):
+            net["backbone"].compile()
     optimizer = P.build_optimizer(student, 0.9, 0.2, (0.9, 0.999), use_foreach=device.type == "cuda")
     centers = {"dino": torch.zeros(1, head_n_prototypes, device=device), "ibot": torch.zeros(1, head_n_prototypes, device=device)}
     values = {"lr": 1e-4, "last_layer_lr": 1e-4, "backbone_lr": 1e-4, "wd": 0.04, "momentum": 0.994, "teacher_temp": 0.07}
@@ -118,7 +123,7 @@ def bench_one(size, n_local, kernels_choice, dtype, device):
     flops = step_flops(cfg, n_local, n_masked)
     peak = next((v for k, v in PEAK_BF16.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
     row = {"model": f"ViT-{size[0].upper()}/{patch_size}", "recipe": f"2+{n_local}" if n_local else "2 global",
-           "kernels": kernels_choice, "dtype": dtype, "batch": batch_size, "step_ms": 1000 * seconds, "img_per_s": batch_size / seconds,
+           "kernels": kernels_choice + ("+compile" if compiled else ""), "dtype": dtype, "batch": batch_size, "step_ms": 1000 * seconds, "img_per_s": batch_size / seconds,
            "tflops": flops / seconds / 1e12, "mfu": flops / seconds / peak if peak else None,
            "max_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None}
     return row
@@ -132,22 +137,24 @@ if __name__ == "__main__":
     print(f"pretraining step on {name}: {global_crops_size} px global crops, {local_crops_size} px local crops, "
           f"batch {batch_size}, K = {head_n_prototypes}")
     rows = []
-    # (kernels, autocast dtype), the baseline first. Triton runs on CUDA only; a CPU uses the references.
+    # (kernels, autocast dtype, compiled), the baseline first. Triton runs on CUDA only; a CPU uses the references.
     if device.type == "cuda":
-        variants = [("ref", "bfloat16"), ("triton", "bfloat16")]
+        variants = [("ref", "bfloat16", False), ("triton", "bfloat16", False)]
     else:
-        variants = [("ref", "float32"), ("ref", "bfloat16")]
-    print(f"{'model':10} {'recipe':9} {'kernels':7} {'dtype':8} {'step ms':>8} {'img/s':>8} {'speedup':>7} "
+        variants = [("ref", "float32", False), ("ref", "bfloat16", False)]
+    if compile:
+        variants.append((variants[-1][0], "bfloat16", True))
+    print(f"{'model':10} {'recipe':9} {'kernels':14} {'dtype':8} {'step ms':>8} {'img/s':>8} {'speedup':>7} "
           f"{'TFLOP/s':>8} {'MFU':>6}")
     for size in sizes:
         for n_local in (0, n_local_crops):
             baseline = None
-            for choice, dtype in variants:
+            for choice, dtype, compiled in variants:
                 if device.type == "cuda":  # the last variant's model is gone: count this one's memory alone
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats(device)
                 try:
-                    row = bench_one(size, n_local, choice, dtype, device)
+                    row = bench_one(size, n_local, choice, dtype, device, compiled)
                 except torch.cuda.OutOfMemoryError as e:
                     print(f"{size} 2+{n_local} {choice} {dtype}: out of memory ({e})")
                     continue
@@ -155,7 +162,7 @@ if __name__ == "__main__":
                 row["speedup"] = row["img_per_s"] / baseline["img_per_s"]
                 rows.append(row)
                 mfu = f"{100 * row['mfu']:5.1f}%" if row["mfu"] else "     -"
-                print(f"{row['model']:10} {row['recipe']:9} {choice:7} {dtype:8} {row['step_ms']:8.1f} "
+                print(f"{row['model']:10} {row['recipe']:9} {row['kernels']:14} {dtype:8} {row['step_ms']:8.1f} "
                       f"{row['img_per_s']:8.1f} {row['speedup']:6.2f}x {row['tflops']:8.2f} {mfu}", flush=True)
     Path(out_json).parent.mkdir(parents=True, exist_ok=True)
     Path(out_json).write_text(json.dumps({"device": name, "config": config, "rows": rows}, indent=1))
