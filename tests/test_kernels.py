@@ -296,7 +296,6 @@ def test_attention_cuda_matches_reference_forward_and_grads(N, D, dtype):
         assert rel(grad[:, :, i], expected[:, :, i]) < 2e-2
 
 
-
 @cuda
 def test_attention_cuda_under_torch_compile_matches_eager():
     """Inductor launches user Triton kernels itself and passes Python floats as fp64 (the softmax scale
@@ -311,6 +310,7 @@ def test_attention_cuda_under_torch_compile_matches_eager():
     expected, = torch.autograd.grad(expected_out, qkv, grad_out)
     torch.testing.assert_close(out, expected, atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(grad, expected, atol=1e-2, rtol=1e-2)
+
 
 @cuda
 @pytest.mark.parametrize("B,K", [(3, 4099), (256, 65536)])

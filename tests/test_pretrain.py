@@ -273,7 +273,8 @@ TINY_RUN = ["--model_size=tiny", "--depth=2", "--patch_size=8", "--global_crops_
 
 
 def run_script(args, cwd=REPO, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", "CUDA_VISIBLE_DEVICES": ""}  # the runs these tests check are the CPU runs (bitwise resume, fp32), also on a GPU machine
+    # the runs these tests check are the CPU runs (fp32, bitwise resume), also on a GPU machine
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run([sys.executable, "pretrain.py", *TINY_RUN, *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
