@@ -283,6 +283,12 @@ def make_teacher(student):
     return teacher.eval()
 
 
+def compile_backbones(student, teacher):
+    """torch.compile the two backbones in place (--compile=True); the heads stay eager."""
+    for net in (student, teacher):
+        net["backbone"].compile()
+
+
 def head_shape(head):
     """DINOHead constructor arguments read back from its weights."""
     linears = [m for m in head.mlp if isinstance(m, nn.Linear)]
@@ -985,8 +991,7 @@ if __name__ == "__main__":
             print(f"resumed from {out / 'ckpt.safetensors'} at step {start_step}"
                   + (f"; config changed since: {changed}" if changed else ""))
     if compile:
-        for net in (student, teacher):
-            net["backbone"].compile()
+        compile_backbones(student, teacher)
     n_params = sum(p.numel() for p in backbone.parameters())
     if master:
         c = backbone.config

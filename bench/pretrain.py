@@ -41,7 +41,7 @@ head_hidden_dim = 2048
 head_bottleneck_dim = 256
 warmup_steps = 3
 timed_steps = 10
-compile = False            # also time the Triton step with torch.compile'd backbones (as pretrain.py --compile=True)
+compile = False            # also time the last variant (GPU: Triton, CPU: bf16) as pretrain.py --compile=True runs it
 out_json = "out/bench_pretrain.json"
 from config import configure  # noqa: E402
 config = configure(globals())
@@ -98,8 +98,7 @@ def bench_one(size, n_local, kernels_choice, dtype, device, compiled=False):
                                                                     head_bottleneck_dim, 3, False, 0)}).to(device)
     teacher = P.make_teacher(student)
     if compiled:  # compiles during the warm-up steps, which are not timed
-        for net in (student, teacher):
-            net["backbone"].compile()
+        P.compile_backbones(student, teacher)
     optimizer = P.build_optimizer(student, 0.9, 0.2, (0.9, 0.999), use_foreach=device.type == "cuda")
     centers = {"dino": torch.zeros(1, head_n_prototypes, device=device), "ibot": torch.zeros(1, head_n_prototypes, device=device)}
     values = {"lr": 1e-4, "last_layer_lr": 1e-4, "backbone_lr": 1e-4, "wd": 0.04, "momentum": 0.994, "teacher_temp": 0.07}
@@ -123,7 +122,8 @@ def bench_one(size, n_local, kernels_choice, dtype, device, compiled=False):
     flops = step_flops(cfg, n_local, n_masked)
     peak = next((v for k, v in PEAK_BF16.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
     row = {"model": f"ViT-{size[0].upper()}/{patch_size}", "recipe": f"2+{n_local}" if n_local else "2 global",
-           "kernels": kernels_choice + ("+compile" if compiled else ""), "dtype": dtype, "batch": batch_size, "step_ms": 1000 * seconds, "img_per_s": batch_size / seconds,
+           "kernels": kernels_choice + ("+compile" if compiled else ""), "dtype": dtype, "batch": batch_size,
+           "step_ms": 1000 * seconds, "img_per_s": batch_size / seconds,
            "tflops": flops / seconds / 1e12, "mfu": flops / seconds / peak if peak else None,
            "max_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None}
     return row
@@ -156,7 +156,7 @@ if __name__ == "__main__":
                 try:
                     row = bench_one(size, n_local, choice, dtype, device, compiled)
                 except torch.cuda.OutOfMemoryError as e:
-                    print(f"{size} 2+{n_local} {choice} {dtype}: out of memory ({e})")
+                    print(f"{size} 2+{n_local} {choice}{'+compile' if compiled else ''} {dtype}: out of memory ({e})")
                     continue
                 baseline = baseline or row
                 row["speedup"] = row["img_per_s"] / baseline["img_per_s"]

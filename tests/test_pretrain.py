@@ -272,9 +272,13 @@ TINY_RUN = ["--model_size=tiny", "--depth=2", "--patch_size=8", "--global_crops_
             "--log_interval=1", "--warmup_iters=2", "--teacher_temp_warmup_iters=4", "--freeze_last_layer_iters=1"]
 
 
+def cpu_run_env(**extra):
+    """The runs these tests check are one-thread CPU runs (fp32, bitwise resume), also on a GPU machine."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **extra}
+
+
 def run_script(args, cwd=REPO, timeout=300):
-    # the runs these tests check are the CPU runs (fp32, bitwise resume), also on a GPU machine
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", "CUDA_VISIBLE_DEVICES": ""}
+    env = cpu_run_env(PYTHONHASHSEED="0")
     return subprocess.run([sys.executable, "pretrain.py", *TINY_RUN, *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -317,7 +321,7 @@ def assert_killed_run_resumes_to_the_same_weights(tmp_path, common, n):
     assert full.returncode == 0, full.stderr[-3000:]
 
     killed_dir = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = cpu_run_env()
     proc = subprocess.Popen([sys.executable, "pretrain.py", *TINY_RUN, *common, f"--out_dir={killed_dir}"], cwd=REPO,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
