@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from model import ViT, ViTConfig
-from probe import (block_attention, cached_features, cls_attention_maps, cross_validate_probe, extract_features,
+from probe import (block_attention, bootstrap_interval, cached_features, cls_attention_maps, cross_validate_probe, extract_features,
                    grouped_folds, knn_predict, last_block_input, metadata_targets, patch_similarity, pca,
                    probe_metrics, save_scatter, train_linear_probe, tsne, tsne_affinities, PALETTE)
 
@@ -84,6 +84,31 @@ def test_probe_metrics_on_a_hand_computed_binary_case():
     # class 0 scored by 1 - p: ranked 0.9(-) 0.6(-)... negatives of class 1 are its positives: 0.9(+) 0.6(-) 0.4(+) 0.2(-)
     assert m["auprc_per_class"]["neg"] == pytest.approx(0.5 + 1 / 3)
     assert m["auprc_macro"] == pytest.approx(0.5 + 1 / 3)
+
+
+def test_bootstrap_interval_is_as_wide_as_the_hanley_mcneil_standard_error():
+    # 300 negatives ~ N(0, 1), 200 positives ~ N(1, 1): AUROC ~0.76. Hanley & McNeil (1982) give its
+    # standard error; a 95% percentile interval should span about 2 * 1.96 of it around the estimate.
+    gen = torch.Generator().manual_seed(0)
+    y = torch.cat([torch.zeros(300), torch.ones(200)]).long()
+    score = torch.randn(500, generator=gen) + y
+    probs = torch.stack([1 - score.sigmoid(), score.sigmoid()], dim=1)
+    a = probe_metrics(y, probs, ["neg", "pos"])["auroc"]
+    n_pos, n_neg, q1, q2 = 200, 300, a / (2 - a), 2 * a * a / (1 + a)
+    se = math.sqrt((a * (1 - a) + (n_pos - 1) * (q1 - a * a) + (n_neg - 1) * (q2 - a * a)) / (n_pos * n_neg))
+    lo, hi = bootstrap_interval(y, probs, ["neg", "pos"], n_resamples=400)["auroc"]
+    assert lo < a < hi
+    assert hi - lo == pytest.approx(2 * 1.96 * se, rel=0.2)
+    assert (lo + hi) / 2 == pytest.approx(a, abs=0.25 * se)
+
+
+def test_bootstrap_interval_keeps_both_classes_when_positives_are_rare():
+    # 2 positives in 40: an unstratified resample often has none (AUROC undefined); each class is resampled
+    # on its own, and a perfect separation stays perfect in every resample
+    y = torch.tensor([1, 1] + [0] * 38)
+    probs = torch.stack([1 - y.float(), y.float()], dim=1) * 0.8 + 0.1
+    ci = bootstrap_interval(y, probs, ["neg", "pos"], n_resamples=200)
+    assert ci == {"auroc": [1.0, 1.0], "auprc_macro": [1.0, 1.0]}
 
 
 # ---------------------------------------------------------------------------------------------- k-NN
