@@ -3,7 +3,8 @@
 Features are extracted once and cached; then a linear probe (L2 logistic regression, grid-searched on
 val), a k-NN classifier (DINO's cosine, temperature-weighted votes), a metadata probe (5-fold CV
 grouped by patient) and pictures: PCA / t-SNE maps of the latent space, the last layer's CLS
-attention per head, and patch-to-patch similarity between two images (RAD-DINO Fig. 3).
+attention per head, and patch-to-patch similarity between two images (RAD-DINO Fig. 3). Every test
+AUROC / AUPRC comes with a 95% bootstrap interval over the test images.
 
     python probe.py                                    # phantoms, random init, < 3 min on 2 CPU cores
     python probe.py config/probe_pneumoniamnist.py --init_from=/work/ckpt/pretrained_vit.safetensors

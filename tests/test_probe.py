@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from model import ViT, ViTConfig
-from probe import (block_attention, bootstrap_interval, cached_features, cls_attention_maps, cross_validate_probe, extract_features,
-                   grouped_folds, knn_predict, last_block_input, metadata_targets, patch_similarity, pca,
-                   probe_metrics, save_scatter, train_linear_probe, tsne, tsne_affinities, PALETTE)
+from probe import (block_attention, bootstrap_interval, cached_features, cls_attention_maps, cross_validate_probe,
+                   extract_features, grouped_folds, knn_predict, last_block_input, metadata_targets,
+                   patch_similarity, pca, probe_metrics, save_scatter, train_linear_probe, tsne, tsne_affinities,
+                   PALETTE)
 
 
 def separable_set(n, dim, margin, seed):
