@@ -487,16 +487,18 @@ def load_backbone(path, verbose=True, **config_overrides):
             if "num_attention_heads" in hf_config:
                 config_overrides.setdefault("num_heads", hf_config["num_attention_heads"])
             state = hf_to_official(state)
+            # the HF class decides the resampling; plain Dinov2Model has no place for register tokens
+            with_registers = hf_config.get("model_type") == "dinov2_with_registers" or "register_tokens" in state
+            for key, value in hf_resampling(with_registers).items():
+                config_overrides.setdefault(key, value)
         if fmt == "timm":
             skipped = sorted(k for k in state if k.startswith(("head.", "fc_norm.", "head_drop.")))
             if skipped and verbose:
                 print(f"load_backbone: {path}: skipping classifier keys {skipped}")
             state = {k: v for k, v in state.items() if k not in skipped}
-        if fmt in ("hf", "timm"):
-            # both resample positions to an explicit size, without DINOv2's 0.1 offset;
-            # timm antialiases when it shrinks the grid, HF does not
+            # timm resamples positions to an explicit size, without DINOv2's 0.1 offset, antialiased
             config_overrides.setdefault("interpolate_offset", 0.0)
-            config_overrides.setdefault("interpolate_antialias", fmt == "timm")
+            config_overrides.setdefault("interpolate_antialias", True)
         if fmt == "dinov2" and "register_tokens" in state:
             # the _reg4 recipe switched to explicit sizes with antialias
             config_overrides.setdefault("interpolate_offset", 0.0)
@@ -512,26 +514,58 @@ def load_backbone(path, verbose=True, **config_overrides):
     return model
 
 
-def export_hf(model, out_dir):
+def hf_resampling(with_registers):
+    """How HF's Dinov2 classes resample positions, as ViTConfig fields: both pass an explicit size
+    (no 0.1 offset) and skip the stored grid; Dinov2WithRegistersEmbeddings antialiases, Dinov2Embeddings not."""
+    return dict(interpolate_offset=0.0, interpolate_antialias=bool(with_registers))
+
+
+def warn_if_hf_resamples_otherwise(cfg, img_size):
+    """One line when HF will resample positions differently from this model (DINOv2's official 0.1
+    offset has no HF setting): the export then equals the model only at the size its grid is stored for."""
+    hf = hf_resampling(cfg.n_registers)
+    ours = dict(interpolate_offset=float(cfg.interpolate_offset), interpolate_antialias=bool(cfg.interpolate_antialias))
+    if ours == hf:
+        return
+    hf_class = "Dinov2WithRegistersModel" if cfg.n_registers else "Dinov2Model"
+    print(f"export_hf: warning: {hf_class} resamples positions with offset 0 antialias {hf['interpolate_antialias']}, "
+          f"this model with offset {cfg.interpolate_offset} antialias {cfg.interpolate_antialias}: the export equals "
+          f"it only at {img_size} px (img_size= picks that size)")
+
+
+def export_hf(model, out_dir, img_size=None):
     """Write a HuggingFace Dinov2 folder (model.safetensors + config.json) so that
-    `transformers.Dinov2Model.from_pretrained(out_dir)` and other tools can load our backbone."""
+    `transformers.Dinov2Model.from_pretrained(out_dir)` (Dinov2WithRegistersModel with registers) and
+    other tools can load our backbone. img_size (default: the stored size) stores the position grid
+    resampled by this model for that size, so the export equals it there whatever HF's resampling;
+    HF then resamples from that grid at other sizes."""
     cfg = model.config
+    img_size = cfg.img_size if img_size is None else img_size
+    if img_size % cfg.patch_size:
+        raise ValueError(f"export_hf: img_size {img_size} is not a multiple of the patch size {cfg.patch_size}")
+    if not float(cfg.mlp_ratio).is_integer():
+        raise ValueError(f"export_hf: mlp_ratio {cfg.mlp_ratio} is not an integer, and HF Dinov2Config's is an int")
+    warn_if_hf_resamples_otherwise(cfg, img_size)
+    state = model.state_dict()
+    if img_size != cfg.img_size:
+        grid = img_size // cfg.patch_size
+        state["pos_embed"] = model.interpolate_pos_encoding((grid, grid)).detach()
     out_dir = Path(out_dir)
-    state = official_to_hf(model.state_dict(), cfg.depth)
-    save_safetensors_atomic(state, out_dir / "model.safetensors", {"format": "pt"})
+    save_safetensors_atomic(official_to_hf(state, cfg.depth), out_dir / "model.safetensors", {"format": "pt"})
+    # Dinov2Config is a strict dataclass: each value must have the declared type (mlp_ratio 4.0 is a TypeError)
     hf_config = {
         "model_type": "dinov2_with_registers" if cfg.n_registers else "dinov2",
         "architectures": ["Dinov2WithRegistersModel" if cfg.n_registers else "Dinov2Model"],
-        "hidden_size": cfg.embed_dim, "num_hidden_layers": cfg.depth, "num_attention_heads": cfg.num_heads,
-        "mlp_ratio": cfg.mlp_ratio, "hidden_act": "gelu", "layer_norm_eps": 1e-6,
-        "image_size": cfg.img_size, "patch_size": cfg.patch_size, "num_channels": cfg.in_chans,
-        "qkv_bias": cfg.qkv_bias, "layerscale_value": cfg.layerscale_init or 1.0,
-        "use_swiglu_ffn": cfg.ffn == "swiglu", "drop_path_rate": 0.0,
+        "hidden_size": int(cfg.embed_dim), "num_hidden_layers": int(cfg.depth),
+        "num_attention_heads": int(cfg.num_heads), "mlp_ratio": int(cfg.mlp_ratio), "hidden_act": "gelu",
+        "layer_norm_eps": 1e-6, "image_size": int(img_size), "patch_size": int(cfg.patch_size),
+        "num_channels": int(cfg.in_chans), "qkv_bias": bool(cfg.qkv_bias),
+        "layerscale_value": float(cfg.layerscale_init or 1.0), "use_swiglu_ffn": cfg.ffn == "swiglu",
+        "drop_path_rate": 0.0,
     }
     if cfg.n_registers:
-        hf_config["num_register_tokens"] = cfg.n_registers
+        hf_config["num_register_tokens"] = int(cfg.n_registers)
     save_json_atomic(hf_config, out_dir / "config.json")
-
 
 
 # ---------------------------------------------------------------------------- DINO / iBOT projection head

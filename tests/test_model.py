@@ -1,4 +1,6 @@
 """The ViT against tensors produced by the reference implementations (../shared/oracles)."""
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -78,8 +80,9 @@ def hf(oracles_dir, tmp_path_factory):
 
 
 def last_hidden_state(model, x):
+    """HF's last_hidden_state: CLS, then the register tokens (if any), then the patches, all normed."""
     out = model.forward_features(x)
-    return torch.cat([out["x_norm_clstoken"][:, None], out["x_norm_patchtokens"]], dim=1)
+    return torch.cat([out["x_norm_clstoken"][:, None], out["x_norm_regtokens"], out["x_norm_patchtokens"]], dim=1)
 
 
 @torch.no_grad()
@@ -100,6 +103,35 @@ def test_export_hf_has_hf_key_set_and_reloads_identically(hf, tmp_path):
     reloaded = load_backbone(tmp_path / "export").eval()
     x = tensors["input.x224"]
     assert torch.equal(last_hidden_state(reloaded, x), last_hidden_state(model, x))
+
+
+def test_export_hf_config_has_the_types_transformers_declares(tmp_path):
+    # Dinov2Config is a strict dataclass: mlp_ratio 4.0 where it declares an int fails from_pretrained
+    export_hf(ViT(vit_config("tiny", depth=1, img_size=56, n_registers=2)), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    ints = ["hidden_size", "num_hidden_layers", "num_attention_heads", "mlp_ratio", "image_size", "patch_size",
+            "num_channels", "num_register_tokens"]
+    floats = ["layer_norm_eps", "layerscale_value", "drop_path_rate"]
+    for key in ints:
+        assert type(config[key]) is int, (key, config[key])
+    for key in floats:
+        assert type(config[key]) is float, (key, config[key])
+
+
+def test_export_hf_refuses_a_non_integer_mlp_ratio(tmp_path):
+    with pytest.raises(ValueError, match="mlp_ratio 2.5 is not an integer"):
+        export_hf(ViT(vit_config("tiny", depth=1, img_size=28, mlp_ratio=2.5)), tmp_path)
+
+
+def test_export_hf_warns_when_hf_resamples_positions_otherwise(tmp_path, capsys):
+    export_hf(ViT(vit_config("tiny", depth=1, img_size=56)), tmp_path / "official")  # offset 0.1: no HF setting
+    assert "export_hf: warning: Dinov2Model resamples" in capsys.readouterr().out
+    export_hf(load_backbone(tmp_path / "official", verbose=False), tmp_path / "hf")  # HF's own convention
+    assert capsys.readouterr().out == ""
+    # without antialias the register class's convention is missed too
+    no_antialias = vit_config("tiny", depth=1, img_size=56, n_registers=2, interpolate_offset=0.0)
+    export_hf(ViT(no_antialias), tmp_path / "registers")
+    assert "export_hf: warning: Dinov2WithRegistersModel resamples" in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")
