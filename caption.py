@@ -1,7 +1,7 @@
 """Image captioning with a frozen ViT (OmniRad §3.4, Table 12): ViT patch tokens -> Linear + LayerNorm ->
 Patch Merger (K learned queries) -> BART encoder as input embeddings -> BART decoder. Only the
 projection, the merger and BART train; captions come from beam search; the test split is scored with
-METEOR, BLEU, BLEU-1..4 and ROUGE-L (hand-written below, checked against sacrebleu / rouge-score).
+METEOR, BLEU, BLEU-1..4 and ROUGE-L (hand-written in metrics.py, checked against sacrebleu / rouge-score).
 
     python caption.py                                   # tiny ViT + tiny BART on phantoms, CPU, ~2 min
     python caption.py --data=../shared/data/covid_cxr_captions/captions.csv --init_from=out/pretrain/backbone.safetensors
@@ -22,7 +22,6 @@ table.md (Table 12's layout), samples.png, captioner.safetensors (+ .json) and t
 """
 import json
 import math
-import re
 import textwrap
 import time
 from collections import Counter
@@ -33,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from finetune_cls import lr_at  # linear warm-up, then cosine to zero
+from metrics import caption_metrics, corpus_bleu
+from schedules import lr_at  # linear warm-up, then cosine to zero
 
 # ----------------------------------------------------------------------------------------------
 # config: plain globals, overridden by config/*.py files and --key=value
@@ -49,7 +49,7 @@ phantom_sizes = (3000, 100)  # phantom train, test: phantoms cost nothing, and w
                              # (a lesion probe on the frozen tokens: 57% on held-out images vs 74% at 3000)
 img_size = 64                # images are centre-cropped to a square and resized to this
 init_from = ""               # frozen ViT weights, any file model.load_backbone reads; "" = RANDOM INIT
-arch = "tiny"                # random init only: ViT size and patch
+model_size = "tiny"          # random init only: ViT size and patch
 patch_size = 8
 layerscale_init = 1.0        # random init only. DINOv2's 1e-5 makes a random ViT's blocks no-ops, so its
                              # tokens are LN(linear patch embedding): block 0 and block 11 probe alike.
@@ -133,208 +133,6 @@ def teacher_forcing_batch(token_lists, pad_id, decoder_start_id):
 
 def decode_captions(tok, sequences):
     return [tok.decode(seq.tolist(), skip_special_tokens=True).strip() for seq in sequences]
-
-
-# ----------------------------------------------------------------------------------------------
-# Caption metrics, hand-written so that the script needs no NLP packages; tests/test_caption.py
-# checks them against sacrebleu and rouge-score. Scores are on a 0-100 scale as in Table 12.
-# ----------------------------------------------------------------------------------------------
-
-def tokenize_13a(line):
-    """sacreBLEU's default tokenizer (mteval-v13a): split off punctuation and symbols, keep the
-    period and comma inside numbers, split a dash that follows a digit."""
-    line = line.replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
-    if "&" in line:
-        line = line.replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">")
-    line = f" {line} "
-    line = re.sub(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])", r" \1 ", line)
-    line = re.sub(r"([^0-9])([\.,])", r"\1 \2 ", line)
-    line = re.sub(r"([\.,])([^0-9])", r" \1 \2", line)
-    line = re.sub(r"([0-9])(-)", r"\1 \2 ", line)
-    return line.split()
-
-
-def ngram_counts(tokens, max_order):
-    return Counter(tuple(tokens[i:i + n]) for n in range(1, max_order + 1) for i in range(len(tokens) - n + 1))
-
-
-def corpus_bleu(hypotheses, references, max_order=4):
-    """Corpus BLEU with sacreBLEU's defaults (13a tokens, case-sensitive, 'exp' smoothing, one
-    reference per hypothesis). max_order=n is the cumulative BLEU-n of captioning papers.
-    Returns {"bleu", "precisions" (per order, %), "bp", "sys_len", "ref_len"}."""
-    correct, total = [0] * max_order, [0] * max_order
-    sys_len = ref_len = 0
-    for hyp, ref in zip(hypotheses, references, strict=True):
-        hyp, ref = tokenize_13a(hyp.rstrip()), tokenize_13a(ref.rstrip())
-        sys_len, ref_len = sys_len + len(hyp), ref_len + len(ref)
-        ref_counts = ngram_counts(ref, max_order)
-        for ngram, count in ngram_counts(hyp, max_order).items():
-            total[len(ngram) - 1] += count
-            correct[len(ngram) - 1] += min(count, ref_counts[ngram])
-    bp = 1.0 if sys_len >= ref_len else (math.exp(1 - ref_len / sys_len) if sys_len else 0.0)
-    precisions = [0.0] * max_order
-    result = dict(bleu=0.0, precisions=precisions, bp=bp, sys_len=sys_len, ref_len=ref_len)
-    if not any(correct):
-        return result
-    smooth = 1.0  # mteval's smoothing: the k-th order with no match counts 1 / (2^k * total)
-    for n in range(max_order):
-        if total[n] == 0:
-            break  # hypotheses too short for this order: its precision stays 0, so BLEU is ~0
-        if correct[n] == 0:
-            smooth *= 2
-            precisions[n] = 100.0 / (smooth * total[n])
-        else:
-            precisions[n] = 100.0 * correct[n] / total[n]
-    log_mean = sum(math.log(p) if p > 0 else -9999999999 for p in precisions) / max_order
-    result["bleu"] = bp * math.exp(log_mean)
-    return result
-
-
-def rouge_tokens(text):
-    """rouge-score's default tokenizer: lower case, alphanumeric runs only, no stemming."""
-    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
-
-
-def lcs_length(a, b):
-    row = [0] * (len(b) + 1)  # one row of the LCS table, updated in place
-    for x in a:
-        diagonal = 0
-        for j, y in enumerate(b):
-            diagonal, row[j + 1] = row[j + 1], (diagonal + 1 if x == y else max(row[j + 1], row[j]))
-    return row[-1]
-
-
-def rouge_l(hypotheses, references):
-    """Mean sentence ROUGE-L F-measure (beta 1), as rouge-score's RougeScorer(["rougeL"])."""
-    scores = []
-    for hyp, ref in zip(hypotheses, references, strict=True):
-        hyp, ref = rouge_tokens(hyp), rouge_tokens(ref)
-        lcs = lcs_length(ref, hyp) if hyp and ref else 0
-        p, r = (lcs / len(hyp), lcs / len(ref)) if lcs else (0.0, 0.0)
-        scores.append(2 * p * r / (p + r) if lcs else 0.0)
-    return 100.0 * sum(scores) / max(len(scores), 1)
-
-
-def porter_stem(word):
-    """The Porter (1980) stemmer as published (NLTK's ORIGINAL_ALGORITHM mode): five steps of suffix
-    rules, each guarded by the measure m of the remaining stem (its number of vowel-consonant runs)."""
-    word = word.lower()
-
-    def consonant_flags(w):
-        flags = []
-        for i, ch in enumerate(w):  # y is a consonant at the start or after a vowel
-            flags.append(ch not in "aeiou" and (ch != "y" or i == 0 or not flags[i - 1]))
-        return flags
-
-    def measure(stem):
-        return "".join("c" if c else "v" for c in consonant_flags(stem)).count("vc")
-
-    def has_vowel(stem):
-        return not all(consonant_flags(stem))
-
-    def ends_cvc(w):  # *o: consonant-vowel-consonant, the last not w, x or y (-hop, -wil)
-        f = consonant_flags(w)
-        return len(w) >= 3 and f[-3] and not f[-2] and f[-1] and w[-1] not in "wxy"
-
-    def first_rule(w, rules, condition):
-        """Apply the first rule whose suffix matches; if its condition fails, the step does nothing."""
-        for suffix, replacement in rules:
-            if w.endswith(suffix):
-                stem = w[:len(w) - len(suffix)]
-                return stem + replacement if condition(stem) else w
-        return w
-
-    # step 1a: plurals
-    word = first_rule(word, [("sses", "ss"), ("ies", "i"), ("ss", "ss"), ("s", "")], lambda s: True)
-    # step 1b: -eed, -ed, -ing; then repair the stem so that later steps see -ate, -ble, -ize
-    if word.endswith("eed"):
-        if measure(word[:-3]) > 0:
-            word = word[:-1]
-    else:
-        for suffix in ("ed", "ing"):
-            if word.endswith(suffix) and has_vowel(word[:-len(suffix)]):
-                word = word[:-len(suffix)]
-                if word.endswith(("at", "bl", "iz")):
-                    word += "e"
-                elif len(word) >= 2 and word[-1] == word[-2] and consonant_flags(word)[-1] and word[-1] not in "lsz":
-                    word = word[:-1]  # hopp(ing) -> hop
-                elif measure(word) == 1 and ends_cvc(word):
-                    word += "e"  # fil(ing) -> file
-                break
-    # step 1c: y -> i when the stem has a vowel
-    if word.endswith("y") and has_vowel(word[:-1]):
-        word = word[:-1] + "i"
-    # step 2: double suffixes to single ones (m > 0)
-    word = first_rule(word, [
-        ("ational", "ate"), ("tional", "tion"), ("enci", "ence"), ("anci", "ance"), ("izer", "ize"),
-        ("abli", "able"), ("alli", "al"), ("entli", "ent"), ("eli", "e"), ("ousli", "ous"),
-        ("ization", "ize"), ("ation", "ate"), ("ator", "ate"), ("alism", "al"), ("iveness", "ive"),
-        ("fulness", "ful"), ("ousness", "ous"), ("aliti", "al"), ("iviti", "ive"), ("biliti", "ble"),
-    ], lambda s: measure(s) > 0)
-    # step 3: -icate, -ful, -ness ... (m > 0)
-    word = first_rule(word, [("icate", "ic"), ("ative", ""), ("alize", "al"), ("iciti", "ic"),
-                             ("ical", "ic"), ("ful", ""), ("ness", "")], lambda s: measure(s) > 0)
-    # step 4: strip one last suffix (m > 1); -ion only after s or t
-    word = first_rule(word, [(s, "") for s in ("al", "ance", "ence", "er", "ic", "able", "ible", "ant", "ement",
-                                               "ment", "ent", "ion", "ou", "ism", "ate", "iti", "ous", "ive", "ize")],
-                      lambda s: measure(s) > 1 and (not word.endswith("ion") or s.endswith(("s", "t"))))
-    # step 5: a final -e (m > 1, or m = 1 unless the stem ends cvc), then -ll -> -l (m > 1)
-    if word.endswith("e"):
-        stem = word[:-1]
-        if measure(stem) > 1 or (measure(stem) == 1 and not ends_cvc(stem)):
-            word = stem
-    if word.endswith("ll") and measure(word[:-1]) > 1:
-        word = word[:-1]
-    return word
-
-
-def match_unigrams(hyp, ref, matched):
-    """One METEOR matching stage, as NLTK does it: from the last hypothesis word backwards, each
-    unmatched word takes the last unmatched reference position holding the same string.
-    `matched` ({hyp i: ref j}) is extended in place."""
-    taken = set(matched.values())
-    positions = {}
-    for j, word in enumerate(ref):
-        if j not in taken:
-            positions.setdefault(word, []).append(j)
-    for i in range(len(hyp) - 1, -1, -1):
-        if i not in matched and positions.get(hyp[i]):
-            matched[i] = positions[hyp[i]].pop()
-
-
-def sentence_meteor(hypothesis, reference, alpha=0.9, beta=3.0, gamma=0.5):
-    """METEOR (Banerjee & Lavie 2005, with NLTK's parameters) on lower-cased 13a tokens: unigrams are
-    matched in two stages, exact then Porter stem; F_mean = P R / (alpha P + (1 - alpha) R), times
-    1 - gamma (chunks / matches)^beta, where a chunk is a run of matches adjacent in both sentences.
-    Left out: WordNet synonyms (NLTK's third stage) and METEOR 1.5's paraphrase tables and
-    function-word weights, so synonyms score as misses."""
-    hyp, ref = tokenize_13a(hypothesis.lower()), tokenize_13a(reference.lower())
-    matched = {}
-    match_unigrams(hyp, ref, matched)
-    match_unigrams([porter_stem(w) for w in hyp], [porter_stem(w) for w in ref], matched)
-    if not matched:
-        return 0.0
-    precision, recall = len(matched) / len(hyp), len(matched) / len(ref)
-    f_mean = precision * recall / (alpha * precision + (1 - alpha) * recall)
-    pairs = sorted(matched.items())
-    chunks = 1 + sum(1 for (i, j), (k, l) in zip(pairs, pairs[1:]) if (k, l) != (i + 1, j + 1))
-    return f_mean * (1 - gamma * (chunks / len(pairs)) ** beta)
-
-
-def meteor(hypotheses, references):
-    """Mean sentence METEOR (0-100)."""
-    scores = [sentence_meteor(h, r) for h, r in zip(hypotheses, references, strict=True)]
-    return 100.0 * sum(scores) / max(len(scores), 1)
-
-
-def caption_metrics(hypotheses, references):
-    """Table 12's columns and BLEU-2/3. BLEU is sacreBLEU's corpus BLEU (so it equals BLEU-4 here);
-    BLEU-n is the cumulative corpus BLEU of order n."""
-    scores = {"METEOR": meteor(hypotheses, references), "BLEU": corpus_bleu(hypotheses, references)["bleu"]}
-    for n in range(1, 5):
-        scores[f"BLEU-{n}"] = corpus_bleu(hypotheses, references, max_order=n)["bleu"]
-    scores["ROUGE-L"] = rouge_l(hypotheses, references)
-    return scores
 
 
 # ----------------------------------------------------------------------------------------------
@@ -497,8 +295,8 @@ if __name__ == "__main__":
     if init_from:
         vit = M.load_backbone(init_from)
     else:
-        vit = M.ViT(M.vit_config(arch, patch_size=patch_size, img_size=img_size, layerscale_init=layerscale_init))
-        print(f"ViT: RANDOM INIT ({arch}, patch {patch_size}, LayerScale {layerscale_init}) -- a baseline, "
+        vit = M.ViT(M.vit_config(model_size, patch_size=patch_size, img_size=img_size, layerscale_init=layerscale_init))
+        print(f"ViT: RANDOM INIT ({model_size}, patch {patch_size}, LayerScale {layerscale_init}) -- a baseline, "
               "not a pretrained encoder")
     if bart_init:
         bart = M.load_bart(bart_init)
@@ -613,7 +411,7 @@ if __name__ == "__main__":
     best_beams = 5 if 5 in beams else beams[-1]
     samples = generate_captions(model, tok, test_tokens[:n_samples], best_beams, max(max_tokens))
     sample_sheet([img for img, _ in test_pairs[:n_samples]], samples, test_captions[:n_samples], out / "samples.png")
-    encoder_name = Path(init_from).stem if init_from else f"random-init ViT-{arch}"
+    encoder_name = Path(init_from).stem if init_from else f"random-init ViT-{model_size}"
     markdown = format_table(table, encoder_name, baseline)
     (out / "table.md").write_text(markdown + "\n")
     results = {"config": config, "table": table, "constant_baseline": baseline, "history": history,

@@ -1429,3 +1429,125 @@ def collate_dino_batch(samples, n_tokens, mask_generator, mask_ratio_min_max=(0.
     masks = draw_ibot_masks(len(global_crops), n_tokens, mask_generator, mask_ratio_min_max,
                             mask_probability, generator)
     return {"global_crops": global_crops, "local_crops": local_crops, **masks}
+
+
+# ----------------------------------------------------------------------------------------------
+# Pretraining batches: a pure function of (seed, step), so a resumed run sees exactly the batches
+# it would have seen
+# ----------------------------------------------------------------------------------------------
+
+def open_images(source, split, phantom_sizes=(2000, 500, 500), phantom_px=64, label_column=None):
+    """Images in [0, 1] from one source: "phantom", a MedMNIST .npz, a CSV index or a folder.
+    Items {"image"} (and {"label"} when label_column is given for a CSV, always for npz/phantoms).
+    phantom_sizes: phantom images per split (train, val, test)."""
+    if source == "phantom":
+        return PhantomDataset(phantom_sizes[SPLITS.index(split)], img_size=phantom_px, seed=0, split=split)
+    path = Path(source)
+    if path.suffix == ".npz":
+        return ArrayImageDataset(*load_medmnist(str(path), split))
+    if path.suffix == ".csv":
+        return ImageFolderDataset(path, split=split, label_column=label_column)
+    if path.is_dir():
+        return ImageFolderDataset(path)
+    raise FileNotFoundError(f"data source '{source}': expected 'phantom', a MedMNIST .npz, a CSV index with a "
+                            f"split column, or a folder of images")
+
+
+def item_seed(seed, *position):
+    return int(np.random.SeedSequence([seed, *position]).generate_state(1)[0])
+
+
+class MultiCropDataset(torch.utils.data.Dataset):
+    """Key (image index, crop seed, batch seed) -> DINOv2 crops of that image drawn with that seed."""
+
+    def __init__(self, images, **augmentation):
+        self.images, self.augmentation = images, augmentation
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key):
+        index, crop_seed, batch_seed = key
+        generator = torch.Generator().manual_seed(crop_seed)
+        crops = DinoAugmentation(**self.augmentation, generator=generator)(self.images[index]["image"])
+        return {**crops, "batch_seed": batch_seed}
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """For each step from start_step: this rank's slice of the global batch. The sample stream is
+    one random permutation of the dataset per epoch (seeded), read in order, batch_size * world
+    samples per step, rank r taking the r-th slice; so batches depend on (seed, step) only."""
+
+    def __init__(self, n_images, batch_size, seed, start_step, max_iters, rank=0, world_size=1):
+        self.n, self.batch_size, self.seed = n_images, batch_size, seed
+        self.start_step, self.max_iters, self.rank, self.world = start_step, max_iters, rank, world_size
+        self._epoch, self._perm = None, None
+
+    def __len__(self):
+        return max(self.max_iters - self.start_step, 0)
+
+    def index(self, position):
+        epoch = position // self.n
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(item_seed(self.seed, epoch)))
+        return int(self._perm[position % self.n])
+
+    def __iter__(self):
+        for step in range(self.start_step, self.max_iters):
+            first = (step * self.world + self.rank) * self.batch_size
+            batch_seed = item_seed(self.seed, step, self.rank, 1)
+            yield [(self.index(p), item_seed(self.seed, p, 0), batch_seed) for p in range(first, first + self.batch_size)]
+
+
+class MaskedCollate:
+    """collate_dino_batch with the iBOT masks drawn from the batch's own seed. Items without crops
+    (SourceImageDataset's) are stacked as "images", and the same masks are drawn for their 2B global
+    crops-to-be."""
+
+    def __init__(self, grid_size, mask_probability, mask_ratio_min_max):
+        self.grid_size, self.mask_probability, self.mask_ratio_min_max = grid_size, mask_probability, mask_ratio_min_max
+
+    def __call__(self, samples):
+        generator = torch.Generator().manual_seed(samples[0]["batch_seed"])
+        mask_generator = MaskingGenerator(self.grid_size, self.grid_size)  # at most half the patches, as DINOv2
+        if "global_crops" not in samples[0]:
+            return {"images": torch.stack([s["image"] for s in samples]),
+                    **draw_ibot_masks(2 * len(samples), self.grid_size ** 2, mask_generator,
+                                      tuple(self.mask_ratio_min_max), self.mask_probability, generator=generator)}
+        return collate_dino_batch(samples, self.grid_size ** 2, mask_generator, tuple(self.mask_ratio_min_max),
+                                  self.mask_probability, generator=generator)
+
+
+class SourceImageDataset(torch.utils.data.Dataset):
+    """Key (image index, crop seed, batch seed) -> that image as a centre square resized to source_px (so a
+    batch stacks), for BatchedDinoAugmentation on the training device; the crop seed is unused there."""
+
+    def __init__(self, images, source_px):
+        self.images, self.source_px = images, source_px
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key):
+        index, _, batch_seed = key
+        img = self.images[index]["image"]
+        return {"image": center_square(img, self.source_px), "batch_seed": batch_seed}
+
+
+def eval_tensors(dataset, img_size, max_images, seed=0):
+    """Up to max_images (a fixed random subset) as normalised (N,3,S,S) images and (N,) labels."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:max_images].tolist()
+    images, labels = [], []
+    for i in sorted(order):
+        item = dataset[i]
+        img = item["image"]
+        img = center_square(img, img_size)
+        images.append(normalize(img))
+        labels.append(int(item["label"]))
+    return torch.stack(images), torch.tensor(labels)
+
+
+def auto_source_px(global_crops_size, global_crops_scale):
+    """The smallest square from which a global crop of the smallest area fraction is still global_crops_size px."""
+    return math.ceil(global_crops_size / math.sqrt(global_crops_scale[0]))

@@ -1,9 +1,9 @@
 """Classification fine-tuning of a ViT backbone (OmniRad §3.2, Table 8): full fine-tuning, a head on a
 frozen backbone, or LoRA; MedMNIST 2D sets, CSV-indexed image sets or the procedural phantoms.
 
-    python finetune_cls.py                                   # phantoms, random init, 2 CPU cores
+    python finetune_cls.py                                   # phantoms, random init, about a minute on a CPU
     python finetune_cls.py config/cls_medmnist64.py --data_path=../shared/data/pneumoniamnist.npz \
-        --init_from=/work/ckpt/pretrained_vit.safetensors --lr=1e-4 --seeds=0,1,2
+        --init_from=out/pretrain/teacher_backbone.safetensors --lr=1e-4 --seeds=0,1,2
     python finetune_cls.py ... --mode=head --head=mlp --head_features=cls+mean   # frozen backbone
     python finetune_cls.py ... --mode=lora --lora_rank=16 --lora_alpha=32        # exported merged
     python finetune_cls.py config/cls_omnirad.py --init_from=dinov2_vits14.pth \
@@ -11,8 +11,8 @@ frozen backbone, or LoRA; MedMNIST 2D sets, CSV-indexed image sets or the proced
     python finetune_cls.py --dataset=csv --data_path=../shared/data/covid_cxr_xray256/images.csv
 
 Model selection: the epoch with the best validation macro-F1; its weights are then evaluated once on
-the official test split. The metrics at the top are hand-written (numpy), shared with probe.py, and
-follow the scikit-learn definitions that the papers' numbers were computed with.
+the official test split. The metrics (metrics.py) are hand-written (numpy) and follow the
+scikit-learn definitions that the papers' numbers were computed with.
 """
 import json
 import math
@@ -26,139 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ----------------------------------------------------------------------------------------------
-# Metrics: numpy or torch inputs, float results
-# ----------------------------------------------------------------------------------------------
-
-
-def as_numpy(x):
-    """numpy view of a torch tensor, numpy array or list (torch is imported lazily by callers)."""
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
-def accuracy(y_true, y_pred):
-    """Fraction of exact matches."""
-    y_true, y_pred = as_numpy(y_true), as_numpy(y_pred)
-    if y_true.shape != y_pred.shape or y_true.size == 0:
-        raise ValueError(f"accuracy: y_true {y_true.shape} and y_pred {y_pred.shape} must be equal, non-empty")
-    return float((y_true == y_pred).mean())
-
-
-def f1_per_class(y_true, y_pred, n_classes):
-    """F1 = 2TP / (2TP + FP + FN) of each class; 0 for a class neither present nor predicted."""
-    y_true, y_pred = as_numpy(y_true).astype(np.int64), as_numpy(y_pred).astype(np.int64)
-    if y_true.shape != y_pred.shape or y_true.ndim != 1:
-        raise ValueError(f"f1_per_class: expected two equal 1-D label arrays, got {y_true.shape} and {y_pred.shape}")
-    f1 = np.zeros(n_classes)
-    for c in range(n_classes):
-        tp = np.sum((y_pred == c) & (y_true == c))
-        fp = np.sum((y_pred == c) & (y_true != c))
-        fn = np.sum((y_pred != c) & (y_true == c))
-        f1[c] = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
-    return f1
-
-
-def macro_f1(y_true, y_pred, n_classes):
-    """Unweighted mean of f1_per_class over all n_classes, as sklearn's
-    f1_score(labels=range(n_classes), average="macro", zero_division=0)."""
-    return float(f1_per_class(y_true, y_pred, n_classes).mean())
-
-
-def average_ranks(x):
-    """1-based ranks of x, tied values sharing the mean of the ranks they span."""
-    values, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    first_rank = np.cumsum(counts) - counts + 1  # rank of the first member of each tie group
-    return (first_rank + (counts - 1) / 2.0)[inverse.reshape(-1)]
-
-
-def roc_auc(y_true, scores):
-    """Binary ROC AUC as the Mann-Whitney statistic: the probability that a random positive scores
-    above a random negative, a tie counting one half (the trapezoid under the ROC curve)."""
-    y_true, scores = as_numpy(y_true).reshape(-1), as_numpy(scores).astype(np.float64).reshape(-1)
-    if y_true.shape != scores.shape:
-        raise ValueError(f"roc_auc: {y_true.shape[0]} labels but {scores.shape[0]} scores")
-    pos = y_true == 1
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError(f"roc_auc: needs both classes, got {n_pos} positives and {n_neg} negatives")
-    rank_sum = average_ranks(scores)[pos].sum()
-    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def roc_auc_ovr(y_true, probs):
-    """Multi-class AUC: unweighted mean over classes of the one-vs-rest binary AUC of column c
-    (sklearn's roc_auc_score(multi_class="ovr", average="macro"))."""
-    y_true, probs = as_numpy(y_true).reshape(-1), as_numpy(probs)
-    if probs.ndim != 2 or probs.shape[0] != y_true.shape[0]:
-        raise ValueError(f"roc_auc_ovr: expected probs (N, C) for {y_true.shape[0]} labels, got {probs.shape}")
-    return float(np.mean([roc_auc(y_true == c, probs[:, c]) for c in range(probs.shape[1])]))
-
-
-def average_precision(y_true, scores):
-    """Binary AUPRC as sklearn's average_precision_score: sum over distinct score thresholds
-    (high to low) of (R_n - R_{n-1}) * P_n, a step function with no interpolation. Samples tied on a
-    score enter together at one threshold."""
-    y_true, scores = as_numpy(y_true).reshape(-1), as_numpy(scores).astype(np.float64).reshape(-1)
-    if y_true.shape != scores.shape:
-        raise ValueError(f"average_precision: {y_true.shape[0]} labels but {scores.shape[0]} scores")
-    pos = (y_true == 1).astype(np.float64)
-    if pos.sum() == 0:
-        raise ValueError("average_precision: no positive samples, precision-recall is undefined")
-    order = np.argsort(-scores, kind="stable")
-    s, pos = scores[order], pos[order]
-    last_of_group = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]  # threshold = each distinct score
-    tp = np.cumsum(pos)[last_of_group]
-    seen = last_of_group + 1.0
-    precision, recall = tp / seen, tp / pos.sum()
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
-
-
-def auprc_per_class(y_true_multi, scores):
-    """AUPRC of each column of a multi-label (N, C) 0/1 target; NaN for a class with no positive
-    sample (its macro mean is then np.nanmean)."""
-    y_true_multi, scores = as_numpy(y_true_multi), as_numpy(scores)
-    if y_true_multi.shape != scores.shape or y_true_multi.ndim != 2:
-        raise ValueError(f"auprc_per_class: expected equal (N, C) targets and scores, got "
-                         f"{y_true_multi.shape} and {scores.shape}")
-    return np.array([average_precision(y_true_multi[:, c], scores[:, c]) if y_true_multi[:, c].any() else np.nan
-                     for c in range(y_true_multi.shape[1])])
-
-
-def roc_auc_per_class(y_true_multi, scores):
-    """Binary AUC of each column of a multi-label (N, C) target (MedMNIST reports their mean for
-    ChestMNIST); NaN for a column with only one class present."""
-    y_true_multi, scores = as_numpy(y_true_multi), as_numpy(scores)
-    if y_true_multi.shape != scores.shape or y_true_multi.ndim != 2:
-        raise ValueError(f"roc_auc_per_class: expected equal (N, C) targets and scores, got "
-                         f"{y_true_multi.shape} and {scores.shape}")
-    out = []
-    for c in range(y_true_multi.shape[1]):
-        n_pos = int((y_true_multi[:, c] == 1).sum())
-        out.append(roc_auc(y_true_multi[:, c], scores[:, c]) if 0 < n_pos < len(y_true_multi) else np.nan)
-    return np.array(out)
-
-
-
-def classification_metrics(labels, probs, multi_label):
-    """Test/val metrics in [0, 1] as MedMNIST and OmniRad report them.
-    single-label: ACC of the argmax, macro-F1, AUC (binary: on P(class 1); else one-vs-rest macro).
-    multi-label (ChestMNIST): threshold 0.5; ACC = label-wise accuracy (MedMNIST's getACC), F1 = mean
-    over labels of the positive-class F1, AUC = mean per-label AUC, AUPRC per label and its mean."""
-    labels, probs = as_numpy(labels), as_numpy(probs).astype(np.float64)
-    if multi_label:
-        pred = (probs >= 0.5).astype(np.int64)
-        return {"acc": accuracy(labels.ravel(), pred.ravel()),
-                "f1": float(np.mean([f1_per_class(labels[:, c], pred[:, c], 2)[1] for c in range(labels.shape[1])])),
-                "auc": float(np.nanmean(roc_auc_per_class(labels, probs))),
-                "auprc": float(np.nanmean(auprc_per_class(labels, probs))),
-                "auprc_per_class": auprc_per_class(labels, probs).tolist()}
-    n_classes = probs.shape[1]
-    pred = probs.argmax(1)
-    auc = roc_auc(labels, probs[:, 1]) if n_classes == 2 else roc_auc_ovr(labels, probs)
-    return {"acc": accuracy(labels, pred), "f1": macro_f1(labels, pred, n_classes), "auc": auc}
-
+from metrics import as_numpy, classification_metrics, mean_std
+from progress import format_duration
+from schedules import lr_at
 
 # ----------------------------------------------------------------------------------------------
 # LoRA (Hu et al. 2021) on the attention and MLP linears of every block
@@ -284,14 +154,6 @@ def set_train_mode(model, mode):
 # ----------------------------------------------------------------------------------------------
 
 
-def lr_at(step, total_steps, warmup_steps, base_lr, min_lr=0.0):
-    """Linear warm-up from 0 over warmup_steps, then half a cosine down to min_lr."""
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 def make_optimizer(params, lr, weight_decay):
     """AdamW; as usual for ViTs, no weight decay on biases, norms, tokens and LayerScale (1-D)."""
     decay = [p for p in params if p.ndim >= 2]
@@ -412,19 +274,14 @@ def format_row(runs):
     (population std, numpy's default)."""
     cells = []
     for key in ("acc", "f1", "auc"):
-        values = 100 * np.array([r[key] for r in runs])
-        cells.append(f"{key.upper()} {values.mean():.2f} ± {values.std():.2f}")
+        m = mean_std([100 * r[key] for r in runs])
+        cells.append(f"{key.upper()} {m['mean']:.2f} ± {m['std']:.2f}")
     return " | ".join(cells)
-
-
-def format_duration(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 # ----------------------------------------------------------------------------------------------
 # Config. The defaults are a quick run on the procedural phantoms: random init, a 2-block
-# ViT-tiny/8 at 32 px, about a minute on 2 CPU cores. The OmniRad recipe (224 px, 40 epochs, lr 1e-5,
+# ViT-tiny/8 at 32 px, about a minute on a CPU. The OmniRad recipe (224 px, 40 epochs, lr 1e-5,
 # 10 warm-up epochs, batch 128) is config/cls_omnirad.py; the MedMNIST evidence runs use
 # config/cls_medmnist64.py.
 # ----------------------------------------------------------------------------------------------
@@ -432,9 +289,7 @@ def format_duration(seconds):
 dataset = "phantom"              # "phantom" (data.PhantomDataset, no files), "medmnist" or "csv"
 data_path = ""                   # medmnist: official .npz path (or name in ~/.medmnist); csv: index with a split column
 csv_label = "covid_vs_other"     # csv: a label column, or "covid_vs_other" (COVID-19 vs other findings)
-n_phantom_train = 512            # phantom split sizes
-n_phantom_val = 64
-n_phantom_test = 128
+phantom_sizes = (512, 64, 128)   # phantom images per split (train, val, test)
 phantom_px = 64                  # phantoms are drawn at this size, then resized to img_size
 img_size = 32                    # network input px (OmniRad: 224; MedMNIST 28 px images are upsampled)
 crop_scale_min = 0.8             # random resized crop keeps 80-100% of the area (small phantom lesions; OmniRad-style 0.5 in config/cls_*.py)
@@ -442,9 +297,9 @@ hflip_p = 0.5
 rotation_deg = 10.0
 # model
 init_from = ""                   # backbone file for model.load_backbone (nanorad/DINOv2/HF/timm); "" = random init
-vit_size = "tiny"                # random init only: tiny small base large giant
+model_size = "tiny"              # random init only: tiny small base large giant
 patch_size = 8                   # random init only
-depth = 2                        # random init only: number of blocks (None = the size's own, 12 for tiny)
+depth = 2                        # random init only: number of blocks (0 = the size's own, 12 for tiny)
 layerscale_init = None           # random init only: LayerScale start (DINOv2: 1e-5; None = no LayerScale)
 drop_path_rate = 0.0
 mode = "full"                    # "full", "head" (frozen backbone) or "lora"
@@ -463,11 +318,11 @@ grad_clip = 1.0
 class_weighted = False           # inverse-frequency CE weights (BCE pos_weight for multi-label)
 seeds = (0,)                     # --seeds=0,1,2 runs repeats and prints mean ± std
 # system
-device = "auto"                  # "auto", "cpu", "cuda"
-amp = True                       # bfloat16 autocast on CUDA (ignored on CPU)
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast: "bfloat16", "float16" (CUDA) or "float32" (off)
 cpu_threads = 1                  # torch threads on CPU (0 = torch default); 1 avoids OpenMP slowdowns on a shared CPU
 num_workers = 1                  # DataLoader worker processes (each augments single-threaded)
-log_every = 10                   # steps between progress lines
+log_interval = 10                # steps between progress lines
 export = True                    # save the selected model: backbone (LoRA merged) + head, per seed
 out_dir = "out/finetune_cls"
 
@@ -498,21 +353,21 @@ if __name__ == "__main__":
                          f"{epochs}, {batch_size}, {warmup_epochs}")
     if not seeds or not all(isinstance(s, int) for s in seeds):
         raise ValueError(f"--seeds={seeds!r}: expected integers, e.g. --seeds=0,1,2")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device=cuda but torch sees no CUDA device")
+    if dtype not in ("bfloat16", "float16", "float32") or (dtype == "float16" and not device.startswith("cuda")):
+        raise ValueError(f"--dtype={dtype!r}: expected bfloat16, float32, or float16 on CUDA")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device={device} but torch sees no CUDA device")
     dev = torch.device(device)
     if dev.type == "cpu" and cpu_threads:
         torch.set_num_threads(cpu_threads)
-    autocast_dtype = torch.bfloat16 if amp and dev.type == "cuda" else None
+    autocast_dtype = None if dtype == "float32" else getattr(torch, dtype)
     if init_from:
         # the checkpoint fixes the architecture; read it once to check the patch size before training
         vit_config = vit_model.load_backbone(init_from, verbose=False).config
     else:
         overrides = dict(patch_size=patch_size, img_size=img_size, layerscale_init=layerscale_init)
         overrides |= {"depth": depth} if depth else {}
-        vit_config = vit_model.vit_config(vit_size, **overrides)
+        vit_config = vit_model.vit_config(model_size, **overrides)
     if img_size % vit_config.patch_size:
         raise ValueError(f"--img_size={img_size} is not a multiple of the backbone's patch size {vit_config.patch_size}")
 
@@ -522,7 +377,7 @@ if __name__ == "__main__":
     eval_tf = data.ClassificationTransform(img_size, train=False)
     splits, (n_classes, multi_label, class_names) = load_splits(
         dataset, data_path, img_size, train_tf, eval_tf, csv_label,
-        (n_phantom_train, n_phantom_val, n_phantom_test), phantom_px)
+        phantom_sizes, phantom_px)
     task = "multi-label" if multi_label else f"{n_classes}-class"
     print(f"data: {dataset} {data_path} ({task}: {', '.join(class_names)}), "
           f"train/val/test {len(splits['train'])}/{len(splits['val'])}/{len(splits['test'])}, {img_size} px")
@@ -545,7 +400,7 @@ if __name__ == "__main__":
             backbone = vit_model.load_backbone(init_from, drop_path_rate=drop_path_rate)
         else:
             backbone = vit_model.ViT(vit_model.ViTConfig(**{**vit_config.__dict__, "drop_path_rate": drop_path_rate}))
-            print(f"backbone: RANDOM INIT (no --init_from): ViT-{vit_size}/{vit_config.patch_size}, "
+            print(f"backbone: RANDOM INIT (no --init_from): ViT-{model_size}/{vit_config.patch_size}, "
                   f"depth {vit_config.depth}, {img_size} px")
         model = Classifier(backbone, n_classes, head, head_features)
         params = setup_mode(model, mode, lora_rank, lora_alpha)
@@ -571,7 +426,7 @@ if __name__ == "__main__":
                                   weights, grad_clip, autocast_dtype)
                 step += 1
                 seen += len(images)
-                if step % log_every == 0 or step == total_steps:
+                if step % log_interval == 0 or step == total_steps:
                     elapsed = time.time() - t_seed
                     eta = elapsed / step * (total_steps - step) + (len(seeds) - 1 - seeds.index(seed)) * elapsed / step * total_steps
                     print(f"seed {seed} | epoch {epoch + 1}/{epochs} | step {step}/{total_steps} | loss {loss:.4f} | "

@@ -21,16 +21,9 @@ proportion to D can match both: every weight is a product of two widths, so the 
 relatively narrower than its base head (a 1x1 fusion instead gives 11.02 M / 44.07 M, and
 `--omnirad_width=336` on ViT-S gives 13.84 M).
 
-Metrics (hand-written; the JSON repeats these conventions):
-  iou[c]   pooled over the whole split: TP / (TP + FP + FN), pixel counts summed over all images,
-           as mmseg computes IoU.
-  dice[c]  per image 2TP / (2TP + FP + FN), averaged over the images; an image where class c is
-           absent from both prediction and target is skipped for c (NaN, neither 1 nor 0).
-  f1[c]    pooled over the split, 2PR / (P + R) (= pooled Dice), so it differs from the image-mean
-           Dice as the papers' F1 and Dice columns differ.
-  mIoU, mDice, mF1: means over the foreground classes 1..K-1, background excluded (RAD-DINO scores
-           its structures only; OmniRad does not say); a class never present in prediction or
-           target is skipped. mIoU_with_background (mmseg's all-class mean) is reported as well.
+Metrics (metrics.segmentation_metrics, whose docstring gives the conventions; the JSON repeats them):
+IoU and F1 pool the pixel counts of the whole split, Dice is a mean over images, and mIoU, mDice, mF1
+average the foreground classes 1..K-1 (background excluded); mIoU_with_background is mmseg's mean.
 
 Run (each writes results.json, table.md and overlays/ under out_dir):
   python finetune_seg.py                                       # phantoms, random-init ViT-tiny/8, 64 px
@@ -51,96 +44,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from finetune_cls import format_duration
-
-# ----------------------------------------------------------------------------------------------
-# Metrics: label maps in (numpy or torch, any equal shapes), floats out; NaN = not scored
-# ----------------------------------------------------------------------------------------------
-
-
-def as_label_array(x):
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x).astype(np.int64)
-
-
-def confusion_counts(pred, target, n_classes):
-    """Per-class pixel counts (tp, fp, fn), int64 arrays of shape (n_classes,), of one prediction
-    against its target (label maps of equal shape)."""
-    pred, target = as_label_array(pred).reshape(-1), as_label_array(target).reshape(-1)
-    if pred.shape != target.shape:
-        raise ValueError(f"confusion_counts: prediction has {pred.size} pixels, target {target.size}")
-    for name, x in (("prediction", pred), ("target", target)):
-        if x.size and (x.min() < 0 or x.max() >= n_classes):
-            raise ValueError(f"confusion_counts: {name} labels span [{x.min()}, {x.max()}], expected [0, {n_classes})")
-    tp = np.bincount(target[pred == target], minlength=n_classes)
-    fp = np.bincount(pred, minlength=n_classes) - tp
-    fn = np.bincount(target, minlength=n_classes) - tp
-    return tp, fp, fn
-
-
-def iou_and_dice(tp, fp, fn):
-    """IoU = TP/(TP+FP+FN) and Dice = 2TP/(2TP+FP+FN) per class; NaN where the class is absent from
-    both prediction and target (nothing to score), so a mean over classes or images skips it."""
-    tp, fp, fn = (np.asarray(a, dtype=np.float64) for a in (tp, fp, fn))
-    union = tp + fp + fn
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.where(union > 0, tp / union, np.nan)
-        dice = np.where(union > 0, 2 * tp / (2 * tp + fp + fn), np.nan)
-    return iou, dice
-
-
-def nanmean(x, axis=None):
-    """Mean that skips NaN, and is NaN (no warning) when there is nothing to average."""
-    x = np.asarray(x, dtype=np.float64)
-    count = np.sum(~np.isnan(x), axis=axis)
-    total = np.nansum(x, axis=axis)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
-
-
-def segmentation_metrics(preds, targets, n_classes, class_names=None):
-    """Scores of a split: `preds` and `targets` are sequences of label maps (or (N,H,W) arrays).
-    See the module docstring for the conventions (pooled IoU and F1, image-mean Dice, foreground
-    means)."""
-    if len(preds) != len(targets) or len(preds) == 0:
-        raise ValueError(f"segmentation_metrics: {len(preds)} predictions for {len(targets)} targets (need >= 1)")
-    class_names = list(class_names) if class_names else [str(c) for c in range(n_classes)]
-    pooled = np.zeros((3, n_classes), dtype=np.int64)
-    image_dice = np.empty((len(preds), n_classes))
-    for i, (pred, target) in enumerate(zip(preds, targets)):
-        counts = np.stack(confusion_counts(pred, target, n_classes))
-        pooled += counts
-        image_dice[i] = iou_and_dice(*counts)[1]
-    iou, f1 = iou_and_dice(*pooled)
-    dice = nanmean(image_dice, axis=0)
-    fg = slice(1, None)
-    image_fg_dice = nanmean(image_dice[:, fg], axis=1)  # each image's mean over its scored classes
-    scored = image_fg_dice[~np.isnan(image_fg_dice)]
-    return {
-        "mIoU": float(nanmean(iou[fg])), "mDice": float(nanmean(dice[fg])), "mF1": float(nanmean(f1[fg])),
-        "mIoU_with_background": float(nanmean(iou)),
-        "dice_std_over_images": float(scored.std()) if scored.size else float("nan"),
-        "per_class": {name: {"iou": float(iou[c]), "dice": float(dice[c]), "f1": float(f1[c]),
-                             "n_images_scored": int(np.sum(~np.isnan(image_dice[:, c])))}
-                      for c, name in enumerate(class_names)},
-        "n_images": len(preds),
-        "conventions": ("iou, f1: pooled pixel counts over the split; dice: mean over images of "
-                        "per-image Dice; a class absent from both prediction and target is skipped "
-                        "(NaN), per image for dice, over the split for iou/f1; mIoU/mDice/mF1 average "
-                        "the foreground classes 1..K-1 only (background excluded)"),
-    }
-
-
-def soft_dice_loss(logits, target):
-    """1 - soft Dice of the foreground classes, pooled over the batch, averaged over classes."""
-    probs = logits.float().softmax(1)[:, 1:]
-    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].float()
-    dims = (0, 2, 3)
-    intersection = (probs * onehot).sum(dims)
-    denominator = probs.sum(dims) + onehot.sum(dims)
-    return (1 - (2 * intersection + 1.0) / (denominator + 1.0)).mean()
-
+from metrics import as_label_array, mean_std, segmentation_metrics
+from progress import format_duration
 
 # ----------------------------------------------------------------------------------------------
 # Heads. Each takes (images (B,3,H,W), feats) where feats is the backbone's
@@ -442,6 +347,16 @@ def select_features(cache, index):
     return [(maps[index], cls[index]) for maps, cls in cache]
 
 
+def soft_dice_loss(logits, target):
+    """1 - soft Dice of the foreground classes, pooled over the batch, averaged over classes."""
+    probs = logits.float().softmax(1)[:, 1:]
+    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].float()
+    dims = (0, 2, 3)
+    intersection = (probs * onehot).sum(dims)
+    denominator = probs.sum(dims) + onehot.sum(dims)
+    return (1 - (2 * intersection + 1.0) / (denominator + 1.0)).mean()
+
+
 def seg_loss(logits, masks, dice_weight=0.0):
     loss = F.cross_entropy(logits.float(), masks)
     return loss + dice_weight * soft_dice_loss(logits, masks) if dice_weight else loss
@@ -521,8 +436,8 @@ def mean_std_row(name, runs):
     (population std, numpy's default); a single seed has no std and says so."""
     cells = []
     for key in ("mIoU", "mDice", "mF1"):
-        values = 100 * np.array([r[key] for r in runs], dtype=np.float64)
-        cells.append(f"{np.mean(values):.2f} ± {np.std(values):.2f}" if len(values) > 1 else f"{values[0]:.2f} (1 seed)")
+        m = mean_std([100 * r[key] for r in runs])
+        cells.append(f"{m['mean']:.2f} ± {m['std']:.2f}" if m["n"] > 1 else f"{m['mean']:.2f} (1 seed)")
     return f"| {name} | " + " | ".join(cells) + " |"
 
 
@@ -539,15 +454,13 @@ def json_safe(x):
 
 # ----------------------------------------------------------------------------------------------
 # Config. The defaults are a quick run on the procedural phantoms (a random-init ViT-tiny/8 at 64 px,
-# about 1.5 min on 2 CPU cores, 1 thread) with OmniRad's optimiser settings (AdamW, lr 1e-4, wd 1e-4,
+# about 1.5 min on a CPU, 1 thread) with OmniRad's optimiser settings (AdamW, lr 1e-4, wd 1e-4,
 # batch 16, 20 epochs). The full OmniRad recipe (448 px, patch 14, ViT-S) is config/seg_omnirad_vits14.py.
 # ----------------------------------------------------------------------------------------------
 # data
 data_path = ""                   # "" = procedural phantoms; a MedSegBench-style .npz; or a CSV (image, mask, split)
 mask_threshold = 127             # CSV masks: foreground where gray > threshold; None = stored class indices
-n_phantom_train = 256            # phantom split sizes
-n_phantom_val = 64
-n_phantom_test = 64
+phantom_sizes = (256, 64, 64)    # phantom images per split (train, val, test)
 phantom_px = 64                  # phantoms are drawn at this size (then resized to img_size)
 img_size = 64                    # network input px, square (OmniRad: 448 with patch 14)
 augment = False                  # joint random resized crop + rotation (+ flip); off = features cached once
@@ -556,9 +469,9 @@ rotation_deg = 10.0
 hflip = False                    # horizontal flips swap left and right: off for chest X-rays
 # model
 init_from = ""                   # backbone file for model.load_backbone (nanorad/DINOv2/HF/timm); "" = random init
-vit_size = "tiny"                # random init only: tiny small base large giant
+model_size = "tiny"              # random init only: tiny small base large giant
 patch_size = 8                   # random init only
-depth = None                     # random init only: fewer blocks than the size's own (None = as the size)
+depth = 0                        # random init only: number of blocks (0 = the size's own)
 head = "omnirad"                 # "omnirad", "linear" or "upernet"
 vit_layers = ()                  # blocks the head reads (0-based); () = the head's default (omnirad: 3,7,11 of 12)
 omnirad_width = 0                # fused-map / decoder width; 0 = the ViT's embed_dim
@@ -573,13 +486,12 @@ weight_decay = 1e-4
 dice_weight = 0.0                # > 0 adds soft Dice of the foreground classes to the cross-entropy
 seeds = (0,)                     # --seeds=0,1,2 runs repeats; the table gives mean ± std
 # system
-device = "auto"                  # "auto", "cpu", "cuda"
-num_threads = 1                  # torch CPU threads; 0 = torch's default. On a busy shared 2-core CPU two
-                                 # OpenMP threads stall 10-30x whenever another process holds a core
-amp_dtype = "bfloat16"           # CUDA autocast: "bfloat16", "float16" (with loss scaling) or "float32" (off)
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast: "bfloat16", "float16" (CUDA, with loss scaling) or "float32" (off)
+cpu_threads = 1                  # torch threads on a CPU (0 = torch's default); more threads than free cores stall
 cache = True                     # without augmentation, compute the frozen features once and reuse them
 eval_batch_size = 32
-log_every = 20                   # steps between progress lines
+log_interval = 20                # steps between progress lines
 n_overlays = 6                   # test images drawn as OmniRad Fig. 3 overlays (first seed)
 save_head = True                 # save the selected head's weights per seed (safetensors + JSON)
 out_dir = "out/finetune_seg"
@@ -603,31 +515,29 @@ if __name__ == "__main__":
         raise ValueError(f"--linear_n_last={linear_n_last}: expected >= 1")
     if not seeds or not all(isinstance(s, int) for s in seeds):
         raise ValueError(f"--seeds={seeds!r}: expected integers, e.g. --seeds=0,1,2")
-    if amp_dtype not in ("bfloat16", "float16", "float32"):
-        raise ValueError(f"--amp_dtype={amp_dtype!r}: expected bfloat16, float16 or float32")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device=cuda but torch sees no CUDA device")
+    if dtype not in ("bfloat16", "float16", "float32") or (dtype == "float16" and not device.startswith("cuda")):
+        raise ValueError(f"--dtype={dtype!r}: expected bfloat16, float32, or float16 on CUDA")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device={device} but torch sees no CUDA device")
     dev = torch.device(device)
-    if num_threads:
-        torch.set_num_threads(num_threads)
-    autocast_dtype = getattr(torch, amp_dtype) if dev.type == "cuda" and amp_dtype != "float32" else None
+    if dev.type == "cpu" and cpu_threads:
+        torch.set_num_threads(cpu_threads)
+    autocast_dtype = None if dtype == "float32" else getattr(torch, dtype)
     if init_from:
         # the checkpoint fixes the architecture; its position grid is resampled to img_size
         vit_config = vit_model.load_backbone(init_from, verbose=False).config
         backbone_name = Path(init_from).stem
     else:
         overrides = dict(patch_size=patch_size, img_size=img_size) | ({"depth": depth} if depth else {})
-        vit_config = vit_model.vit_config(vit_size, **overrides)
-        backbone_name = f"random-init ViT-{vit_size}/{patch_size}"
+        vit_config = vit_model.vit_config(model_size, **overrides)
+        backbone_name = f"random-init ViT-{model_size}/{patch_size}"
     if img_size % vit_config.patch_size:
         raise ValueError(f"--img_size={img_size} is not a multiple of the backbone's patch size {vit_config.patch_size}")
     layers = head_layers(head, vit_config.depth, vit_layers, linear_n_last)
 
     # ---- data: val/test (and train without augmentation) resized whole, held as tensors
     datasets, class_names = load_splits(data_path, mask_threshold,
-                                        (n_phantom_train, n_phantom_val, n_phantom_test), phantom_px)
+                                        phantom_sizes, phantom_px)
     n_classes = len(class_names)
     t0 = time.time()
     tensors = {s: stack_split(datasets[s], img_size) for s in (("val", "test") if augment else ("train", "val", "test"))}
@@ -648,7 +558,7 @@ if __name__ == "__main__":
             backbone = vit_model.load_backbone(init_from)
         else:
             backbone = vit_model.ViT(vit_config)
-            print(f"backbone: RANDOM INIT (no --init_from): ViT-{vit_size}/{patch_size}, depth {vit_config.depth}")
+            print(f"backbone: RANDOM INIT (no --init_from): ViT-{model_size}/{patch_size}, depth {vit_config.depth}")
         seg_head = build_head(head, vit_config.embed_dim, n_classes, omnirad_width, linear_n_last,
                               linear_cls_token, upernet_channels)
         model = FrozenBackboneSegmenter(backbone, seg_head, layers).to(dev)
@@ -688,7 +598,7 @@ if __name__ == "__main__":
                 loss = train_step(model, optimizer, x, y, feats, dice_weight, autocast_dtype, scaler)
                 step += 1
                 seen += len(x)
-                if step % log_every == 0 or step == total_steps:
+                if step % log_interval == 0 or step == total_steps:
                     elapsed = time.time() - t_seed
                     eta = elapsed / step * (total_steps - step) + (len(seeds) - 1 - seed_index) * elapsed / step * total_steps
                     print(f"seed {seed} | epoch {epoch + 1}/{epochs} | step {step}/{total_steps} | loss {loss:.4f} | "

@@ -30,30 +30,31 @@ import copy
 import json
 import math
 import os
-import random
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 import kernels
-from data import (ArrayImageDataset, BatchedDinoAugmentation, DinoAugmentation, ImageFolderDataset, MaskingGenerator,
-                  PhantomDataset, center_square, collate_dino_batch, draw_ibot_masks, load_medmnist, normalize)
+from checkpoint import checkpoint_state_or_none, load_checkpoint, save_checkpoint
+from data import (BatchedDinoAugmentation, MaskedCollate, MultiCropDataset, SourceImageDataset, StepBatchSampler,
+                  auto_source_px, eval_tensors, item_seed, open_images)
+from distributed import (all_reduce_sum, average_gradients, gather_rows_keep_local_grad, rank, same_on_all_ranks,
+                         world_size)
+from metrics import knn_predict, linear_cka
 from model import (DINOHead, ViT, ViTConfig, export_hf, load_backbone, load_dino_head, load_state_strict,
                    save_backbone, save_json_atomic, save_safetensors_atomic, vit_config)
-from finetune_cls import format_duration
-from probe import knn_predict
+from progress import format_duration
+from schedules import cosine_schedule
 
 # -----------------------------------------------------------------------------
-# default config: ViT-tiny/8 at 64 px on the procedural phantoms, a few minutes on a 2-core CPU
+# default config: ViT-tiny/8 at 64 px on the procedural phantoms, a few minutes on a laptop CPU
 # I/O
 out_dir = "out/pretrain"
 init_from = ""            # backbone to continue from: DINOv2 .pth, HF Dinov2 / timm / nanorad safetensors, or a
@@ -67,8 +68,8 @@ train_data = ()           # sources: MedMNIST .npz (train split), a CSV index wi
                           # (train rows), or a folder of images. () = procedural phantoms
 train_repeats = ()        # times each train_data source appears in an epoch, e.g. (1, 8, 14) so that a small
                           # source is seen about as often as a large one; () = once each
-n_phantoms = 2000
-phantom_size_px = 64
+phantom_sizes = (2000, 500, 500)  # phantom images per split (train, val, test) when a source is "phantom"
+phantom_px = 64
 num_workers = 0           # DataLoader processes making the crops (0 = in the training process)
 augment_on_device = False  # True: the crops are made on the training device in batches (BatchedDinoAugmentation)
                            # -- for GPUs, where the CPU loader is the bottleneck; the loader only resizes images
@@ -98,7 +99,7 @@ global_crops_scale = (0.32, 1.0)
 local_crops_scale = (0.05, 0.32)
 color_jitter = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue strengths, applied with p=0.8 (DINOv2)
 solarize_p = 0.2          # second global crop (DINOv2). On small radiographs both swamp the image (the
-                          # view_corr monitor; README, "Known gap")
+                          # view_corr monitor; RESULTS.md)
 blur_probs = (1.0, 0.1, 0.5)  # Gaussian blur (sigma 0.1-2 px) of global crop 1, global crop 2, local crops (DINOv2)
 mask_probability = 0.5    # fraction of global crops that get iBOT masks
 mask_ratio_min_max = (0.1, 0.5)
@@ -144,66 +145,6 @@ dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype
                           # with native bf16 matmuls (`lscpu | grep -E "amx|avx512_bf16"`); float32 is exact
 compile = False           # torch.compile the backbones
 # -----------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------------------------
-# Distributed helpers (every function also works without torch.distributed: world size 1)
-# ----------------------------------------------------------------------------------------------
-
-def distributed():
-    return dist.is_available() and dist.is_initialized()
-
-
-def world_size():
-    return dist.get_world_size() if distributed() else 1
-
-
-def rank():
-    return dist.get_rank() if distributed() else 0
-
-
-def all_reduce_sum(x):
-    if distributed():
-        dist.all_reduce(x)
-    return x
-
-
-def same_on_all_ranks(value):
-    """Rank 0's float everywhere: decisions taken on it (best checkpoint, stop) must agree across ranks."""
-    if not distributed():
-        return value
-    t = torch.tensor([float(value)], dtype=torch.float64,
-                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.broadcast(t, src=0)
-    return float(t.item())
-
-
-def average_gradients(params):
-    """Data parallelism: every rank ends with the mean of all ranks' gradients. One flat all-reduce
-    instead of DDP's hooks, because the backbone runs twice per step (global and local crops) and
-    is frozen (no gradients at all) during the head warm-up, two things DDP's reducer dislikes."""
-    if not distributed():
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world_size()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
-def gather_rows_keep_local_grad(x):
-    """All ranks' rows of x (B, D) concatenated in rank order; only this rank's rows carry gradient."""
-    if not distributed():
-        return x
-    parts = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(parts, x.detach().contiguous())
-    parts[rank()] = x
-    return torch.cat(parts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,16 +298,6 @@ def param_groups(student, layerwise_decay, patch_embed_lr_mult):
 def build_optimizer(student, layerwise_decay, patch_embed_lr_mult, betas, use_foreach):
     return torch.optim.AdamW(param_groups(student, layerwise_decay, patch_embed_lr_mult), lr=0.0, betas=betas,
                              foreach=use_foreach)
-
-
-def cosine_schedule(base_value, final_value, total_iters, warmup_iters=0, start_warmup_value=0.0, frozen_iters=0):
-    """DINOv2's CosineScheduler as one array: `frozen_iters` zeros, a linear warm-up from
-    start_warmup_value to base_value, then a half cosine from base_value to final_value."""
-    frozen_iters = min(frozen_iters, total_iters)
-    warmup_iters = min(warmup_iters, total_iters - frozen_iters)
-    n = total_iters - frozen_iters - warmup_iters
-    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * np.arange(n) / max(n, 1)))
-    return np.concatenate([np.zeros(frozen_iters), np.linspace(start_warmup_value, base_value, warmup_iters), cosine])
 
 
 def build_schedules(max_iters, lr, min_lr, warmup_iters, weight_decay, weight_decay_end, momentum_teacher,
@@ -530,216 +461,8 @@ def train_step(student, teacher, optimizer, batch, values, centers, clip_grad=3.
     return reduced, monitors
 
 
-# ----------------------------------------------------------------------------------------------
-# Data: a pure function of (seed, step), so a resumed run sees exactly the batches it would have seen
-# ----------------------------------------------------------------------------------------------
-
-def open_images(source, split, n_phantoms=2000, phantom_size_px=64, label_column=None):
-    """Images in [0, 1] from one source: "phantom", a MedMNIST .npz, a CSV index or a folder.
-    Items {"image"} (and {"label"} when label_column is given for a CSV, always for npz/phantoms)."""
-    if source == "phantom":
-        n = n_phantoms if split == "train" else max(n_phantoms // 4, 64)
-        return PhantomDataset(n, img_size=phantom_size_px, seed=0, split=split)
-    path = Path(source)
-    if path.suffix == ".npz":
-        return ArrayImageDataset(*load_medmnist(str(path), split))
-    if path.suffix == ".csv":
-        return ImageFolderDataset(path, split=split, label_column=label_column)
-    if path.is_dir():
-        return ImageFolderDataset(path)
-    raise FileNotFoundError(f"data source '{source}': expected 'phantom', a MedMNIST .npz, a CSV index with a "
-                            f"split column, or a folder of images")
-
-
-def item_seed(seed, *position):
-    return int(np.random.SeedSequence([seed, *position]).generate_state(1)[0])
-
-
-class MultiCropDataset(torch.utils.data.Dataset):
-    """Key (image index, crop seed, batch seed) -> DINOv2 crops of that image drawn with that seed."""
-
-    def __init__(self, images, **augmentation):
-        self.images, self.augmentation = images, augmentation
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, key):
-        index, crop_seed, batch_seed = key
-        generator = torch.Generator().manual_seed(crop_seed)
-        crops = DinoAugmentation(**self.augmentation, generator=generator)(self.images[index]["image"])
-        return {**crops, "batch_seed": batch_seed}
-
-
-class StepBatchSampler(torch.utils.data.Sampler):
-    """For each step from start_step: this rank's slice of the global batch. The sample stream is
-    one random permutation of the dataset per epoch (seeded), read in order, batch_size * world
-    samples per step, rank r taking the r-th slice; so batches depend on (seed, step) only."""
-
-    def __init__(self, n_images, batch_size, seed, start_step, max_iters, rank=0, world_size=1):
-        self.n, self.batch_size, self.seed = n_images, batch_size, seed
-        self.start_step, self.max_iters, self.rank, self.world = start_step, max_iters, rank, world_size
-        self._epoch, self._perm = None, None
-
-    def __len__(self):
-        return max(self.max_iters - self.start_step, 0)
-
-    def index(self, position):
-        epoch = position // self.n
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(item_seed(self.seed, epoch)))
-        return int(self._perm[position % self.n])
-
-    def __iter__(self):
-        for step in range(self.start_step, self.max_iters):
-            first = (step * self.world + self.rank) * self.batch_size
-            batch_seed = item_seed(self.seed, step, self.rank, 1)
-            yield [(self.index(p), item_seed(self.seed, p, 0), batch_seed) for p in range(first, first + self.batch_size)]
-
-
-class MaskedCollate:
-    """collate_dino_batch with the iBOT masks drawn from the batch's own seed. Items without crops
-    (SourceImageDataset's) are stacked as "images", and the same masks are drawn for their 2B global
-    crops-to-be."""
-
-    def __init__(self, grid_size, mask_probability, mask_ratio_min_max):
-        self.grid_size, self.mask_probability, self.mask_ratio_min_max = grid_size, mask_probability, mask_ratio_min_max
-
-    def __call__(self, samples):
-        generator = torch.Generator().manual_seed(samples[0]["batch_seed"])
-        mask_generator = MaskingGenerator(self.grid_size, self.grid_size)  # at most half the patches, as DINOv2
-        if "global_crops" not in samples[0]:
-            return {"images": torch.stack([s["image"] for s in samples]),
-                    **draw_ibot_masks(2 * len(samples), self.grid_size ** 2, mask_generator,
-                                      tuple(self.mask_ratio_min_max), self.mask_probability, generator=generator)}
-        return collate_dino_batch(samples, self.grid_size ** 2, mask_generator, tuple(self.mask_ratio_min_max),
-                                  self.mask_probability, generator=generator)
-
-
-class SourceImageDataset(torch.utils.data.Dataset):
-    """Key (image index, crop seed, batch seed) -> that image as a centre square resized to source_px (so a
-    batch stacks), for BatchedDinoAugmentation on the training device; the crop seed is unused there."""
-
-    def __init__(self, images, source_px):
-        self.images, self.source_px = images, source_px
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, key):
-        index, _, batch_seed = key
-        img = self.images[index]["image"]
-        return {"image": center_square(img, self.source_px), "batch_seed": batch_seed}
-
-
-def auto_source_px(global_crops_size, global_crops_scale):
-    """The smallest square from which a global crop of the smallest area fraction is still global_crops_size px."""
-    return math.ceil(global_crops_size / math.sqrt(global_crops_scale[0]))
-
-
 def batch_to(batch, device):
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: one safetensors file written atomically (temp file + rename), its JSON state in the
-# file's metadata (so the two can never disagree) and copied beside it for people to read
-# ----------------------------------------------------------------------------------------------
-
-def rng_states():
-    """This process's random states: torch CPU (and CUDA) generators, numpy, python."""
-    numpy_state = np.random.get_state()
-    state = {"torch_cpu": torch.get_rng_state(), "numpy_keys": torch.from_numpy(numpy_state[1].astype(np.int64)),
-             "numpy": [numpy_state[0], int(numpy_state[2]), int(numpy_state[3]), float(numpy_state[4])],
-             "python": json.loads(json.dumps(random.getstate()))}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["torch_cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_states(state):
-    torch.set_rng_state(state["torch_cpu"])
-    if "torch_cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["torch_cuda"])
-    name, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-
-
-def checkpoint_tensors(student, teacher, optimizer, centers):
-    tensors = {}
-    for prefix, net in (("student", student), ("teacher", teacher)):
-        for part, module in net.items():
-            tensors.update({f"{prefix}.{part}.{k}": v for k, v in module.state_dict().items()})
-    names = {p: n for group in optimizer.param_groups for p, n in zip(group["params"], group["names"])}
-    for p, state in optimizer.state.items():
-        tensors.update({f"optim.{names[p]}.{k}": v for k, v in state.items()})  # AdamW: step, exp_avg, exp_avg_sq
-    tensors.update({f"center.{k}": v for k, v in centers.items()})
-    return tensors
-
-
-def save_checkpoint(path, student, teacher, optimizer, centers, state):
-    """Called on every rank (the RNG states of all ranks are gathered); rank 0 writes."""
-    rngs = [rng_states()]
-    if distributed():
-        rngs = [None] * world_size()
-        dist.all_gather_object(rngs, {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in rng_states().items()})
-    if rank() != 0:
-        return
-    tensors = checkpoint_tensors(student, teacher, optimizer, centers)
-    state = {**state, "rng": []}
-    for r, rng in enumerate(rngs):
-        state["rng"].append({k: v for k, v in rng.items() if not torch.is_tensor(v)})
-        tensors.update({f"rng.{r}.{k}": v for k, v in rng.items() if torch.is_tensor(v)})
-    save_safetensors_atomic(tensors, path, {"nanorad_pretrain": json.dumps(state)})
-    save_json_atomic({k: v for k, v in state.items() if k != "rng"}, str(path) + ".json")
-
-
-def checkpoint_state_or_none(path):
-    """The JSON state a pretrain.py checkpoint carries in its metadata; None for another safetensors file."""
-    with safe_open(str(path), "pt") as f:
-        meta = (f.metadata() or {}).get("nanorad_pretrain")
-    return None if meta is None else json.loads(meta)
-
-
-def read_checkpoint_state(path):
-    state = checkpoint_state_or_none(path)
-    if state is None:
-        raise ValueError(f"{path}: not a pretrain.py checkpoint (no 'nanorad_pretrain' metadata)")
-    return state
-
-
-def load_checkpoint(path, student, teacher, optimizer, centers):
-    """Restore everything save_checkpoint wrote, strictly; returns the JSON state."""
-    state = read_checkpoint_state(path)
-    tensors = load_file(str(path))
-    for prefix, net in (("student", student), ("teacher", teacher)):
-        for part, module in net.items():
-            head = f"{prefix}.{part}."
-            load_state_strict(module, {k[len(head):]: v for k, v in tensors.items() if k.startswith(head)},
-                              f"{path} [{prefix}.{part}]")
-    extra = sorted({k.split(".")[1] for k in tensors if k.startswith(("student.", "teacher."))} - set(student))
-    if extra:
-        raise KeyError(f"{path}: checkpoint has modules {extra} that this config does not build "
-                       f"(ibot_separate_head differs?)")
-    for group in optimizer.param_groups:
-        for p, name in zip(group["params"], group["names"]):
-            head = f"optim.{name}."
-            saved = {k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}
-            if saved:
-                optimizer.state[p] = {k: (v if k == "step" else v.to(p.device)) for k, v in saved.items()}
-    for k, center in centers.items():
-        center.copy_(tensors[f"center.{k}"])
-    saved_rng = state.get("rng", [])
-    if len(saved_rng) == world_size():
-        set_rng_states({**saved_rng[rank()], **{k.split(".", 2)[2]: v for k, v in tensors.items()
-                                                if k.startswith(f"rng.{rank()}.")}})
-    else:
-        print(f"resume: {path} was written by {len(saved_rng)} processes, this run has {world_size()}: "
-              f"random states are not restored (the run continues, but not bit-exactly)")
-    return state
 
 
 def export_teacher(teacher, out_dir):
@@ -754,19 +477,6 @@ def export_teacher(teacher, out_dir):
 # ----------------------------------------------------------------------------------------------
 # Monitoring: k-NN accuracy of the teacher's CLS features, the guard rail, and backbone drift
 # ----------------------------------------------------------------------------------------------
-
-def eval_tensors(dataset, img_size, max_images, seed=0):
-    """Up to max_images (a fixed random subset) as normalised (N,3,S,S) images and (N,) labels."""
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:max_images].tolist()
-    images, labels = [], []
-    for i in sorted(order):
-        item = dataset[i]
-        img = item["image"]
-        img = center_square(img, img_size)
-        images.append(normalize(img))
-        labels.append(int(item["label"]))
-    return torch.stack(images), torch.tensor(labels)
-
 
 @torch.no_grad()
 def backbone_features(backbone, images, device, autocast=nullcontext, batch_size=256):
@@ -813,12 +523,6 @@ def evaluate_and_guard(step, evaluate, guard, save_best):
     if is_best:
         save_best()
     return score, stop
-
-
-def linear_cka(x, y):
-    """Linear centred kernel alignment of two feature sets (N, D): 1 = the same up to rotation and scale."""
-    x, y = x - x.mean(0), y - y.mean(0)
-    return float((y.t() @ x).norm() ** 2 / ((x.t() @ x).norm() * (y.t() @ y).norm()))
 
 
 @torch.no_grad()
@@ -923,7 +627,7 @@ if __name__ == "__main__":
     # -------------------------------------------------------------------- data
     sources = list(train_data) or ["phantom"]
     repeats = list(train_repeats) or [1] * len(sources)
-    opened = [open_images(s, "train", n_phantoms, phantom_size_px) for s in sources]
+    opened = [open_images(s, "train", phantom_sizes, phantom_px) for s in sources]
     train_images = torch.utils.data.ConcatDataset([d for d, r in zip(opened, repeats) for _ in range(r)])
     augmentation = dict(global_crops_size=global_crops_size, local_crops_size=local_crops_size, n_local_crops=n_local,
                         global_crops_scale=tuple(global_crops_scale), local_crops_scale=tuple(local_crops_scale),
@@ -936,8 +640,8 @@ if __name__ == "__main__":
     eval_sets = None
     if eval_data and eval_every > 0:
         label_column = eval_label_column if str(eval_data).endswith(".csv") else None
-        bank_set = open_images(eval_data, "train", n_phantoms, phantom_size_px, label_column)
-        query_set = open_images(eval_data, "val", n_phantoms, phantom_size_px, label_column)
+        bank_set = open_images(eval_data, "train", phantom_sizes, phantom_px, label_column)
+        query_set = open_images(eval_data, "val", phantom_sizes, phantom_px, label_column)
         bank, query = (eval_tensors(d, global_crops_size, eval_max_images) for d in (bank_set, query_set))
         n_classes = int(max(bank[1].max(), query[1].max())) + 1
         eval_sets = (bank, query, n_classes)

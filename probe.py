@@ -6,8 +6,8 @@ grouped by patient) and pictures: PCA / t-SNE maps of the latent space, the last
 attention per head, and patch-to-patch similarity between two images (RAD-DINO Fig. 3). Every test
 AUROC / AUPRC comes with a 95% bootstrap interval over the test images.
 
-    python probe.py                                    # phantoms, random init, < 3 min on 2 CPU cores
-    python probe.py config/probe_pneumoniamnist.py --init_from=/work/ckpt/pretrained_vit.safetensors
+    python probe.py                                    # phantoms, random init, < 3 min on a CPU
+    python probe.py config/probe_pneumoniamnist.py --init_from=out/pretrain/teacher_backbone.safetensors
     python probe.py config/probe_breastmnist.py --seeds=0,1,2        # random init, three seeds
     python probe.py config/probe_covid_cxr.py          # COVID-19 vs other + sex / age metadata probe
     python probe.py --dataset=csv --data_path=my/index.csv --label_column=finding --metadata_columns=()
@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from finetune_cls import accuracy, auprc_per_class, roc_auc, roc_auc_ovr, roc_auc_per_class
+from metrics import accuracy, bootstrap_interval, knn_predict, mean_std, probe_metrics
 
 # -----------------------------------------------------------------------------
 # default config: the procedural phantoms and a random-init ViT-tiny/8 at 64 px, on CPU in < 3 min
@@ -37,11 +37,11 @@ dataset = "phantom"           # "phantom" | "medmnist" | "csv"
 data_path = ""                # medmnist: an official .npz; csv: an index with image, split (+ label) columns
 label_column = ""             # csv: the column holding class names ...
 label_fn = "covid_vs_other"   # ... or the name of a label function in data.py (when label_column is "")
-phantom_sizes = (600, 200, 200)  # train, val, test
+phantom_sizes = (600, 200, 200)  # phantom images per split (train, val, test)
 init_from = ""                # any backbone model.load_backbone reads; "" = RANDOM INIT (a baseline)
-arch = "tiny"                 # random init only: ViT size, patch and the size of its position grid
+model_size = "tiny"           # random init only: ViT size, patch and the size of its position grid
 patch_size = 8
-depth = 0                     # random init only: > 0 overrides the size's number of blocks (as pretrain.py's depth)
+depth = 0                     # random init only: number of blocks (0 = the size's own)
 layerscale_init = 0.1         # random init only: LayerScale start. 0.1 is pretrain.py's default, so the random
                               # baseline is the very network pretraining starts from (DINOv2's 1e-5 makes the
                               # blocks near-identities: a random projection of the pixels, a different baseline)
@@ -138,42 +138,13 @@ def cached_features(cache_dir, key, model, dataset, **extract_kwargs):
 
 
 # ----------------------------------------------------------------------------------------------
-# k-NN (DINO eval_knn)
-# ----------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def knn_predict(train_feats, train_labels, test_feats, n_classes, k=20, temperature=0.07, chunk_size=1024):
-    """Class probabilities (M, n_classes) from the k nearest training features by cosine similarity,
-    each neighbour voting with weight exp(sim / temperature) (DINO's eval_knn), votes normalised to
-    sum to 1. train_labels: (N,) class indices, or (N, C) multi-hot for multi-label targets (then
-    each column is the weighted fraction of neighbours carrying that label)."""
-    train = F.normalize(train_feats.float(), dim=1)
-    test = F.normalize(test_feats.float(), dim=1)
-    if train_labels.ndim == 1:
-        targets = F.one_hot(train_labels.long(), n_classes).float()
-    else:
-        targets = train_labels.float()
-    if targets.shape != (train.shape[0], n_classes):
-        raise ValueError(f"knn_predict: labels give targets {tuple(targets.shape)}, expected ({train.shape[0]}, {n_classes})")
-    k = min(k, train.shape[0])
-    probs = []
-    for start in range(0, test.shape[0], chunk_size):  # chunks keep the (chunk, N) similarity small
-        sim, idx = (test[start:start + chunk_size] @ train.T).topk(k, dim=1)
-        weights = (sim / temperature).exp()                       # (m, k)
-        votes = torch.einsum("mk,mkc->mc", weights, targets[idx])  # (m, C)
-        probs.append(votes / weights.sum(dim=1, keepdim=True))
-    return torch.cat(probs)
-
-
-# ----------------------------------------------------------------------------------------------
 # Linear probe: L2 logistic regression on standardised features, full-batch L-BFGS
 # ----------------------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
 def single_thread():
-    """Run many tiny CPU ops (L-BFGS evaluations, t-SNE steps) on one thread: on a busy 2-core
+    """Run many tiny CPU ops (L-BFGS evaluations, t-SNE steps) on one thread: on a busy small
     machine the per-op thread hand-offs made them 15-20x slower than single-threaded."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -251,39 +222,6 @@ def train_linear_probe(train_x, train_y, val_x, val_y, multilabel=False,
             best = probe
     best.val_loss_by_l2 = losses
     return best
-
-
-def probe_metrics(y_true, probs, class_names, multilabel=False):
-    """Accuracy, AUROC (binary; one-vs-rest macro for multi-class; mean per label for multi-label)
-    and AUPRC per class (one-vs-rest) with its macro mean, the figures RAD-DINO reports."""
-    probs = probs.double()
-    if multilabel:
-        targets = y_true.long()
-        acc = float(((probs > 0.5).long() == targets).double().mean())  # mean per-label accuracy
-        auroc = float(np.nanmean(roc_auc_per_class(targets, probs)))
-    else:
-        targets = F.one_hot(y_true.long(), probs.shape[1])
-        acc = accuracy(y_true.long(), probs.argmax(dim=1))
-        auroc = roc_auc(y_true == 1, probs[:, 1]) if probs.shape[1] == 2 else roc_auc_ovr(y_true, probs)
-    per_class = auprc_per_class(targets, probs)
-    return {"accuracy": acc, "auroc": auroc, "auprc_macro": float(np.nanmean(per_class)),
-            "auprc_per_class": {str(name): float(v) for name, v in zip(class_names, per_class)}}
-
-
-def bootstrap_interval(y_true, probs, class_names, multilabel=False, n_resamples=1000, seed=0):
-    """95% percentile intervals of the test AUROC and macro AUPRC over `n_resamples` resamples of the
-    test set with replacement. Single-label sets are resampled within each class (the class counts stay
-    fixed, so every resample has both classes and the AUROC stays defined); multi-label sets as a whole."""
-    rng = np.random.default_rng(seed)
-    y_np = y_true.numpy()
-    strata = [np.arange(len(y_np))] if multilabel else [np.flatnonzero(y_np == c) for c in np.unique(y_np)]
-    values = {"auroc": [], "auprc_macro": []}
-    for _ in range(n_resamples):
-        index = torch.from_numpy(np.concatenate([rng.choice(s, len(s)) for s in strata]))
-        m = probe_metrics(y_true[index], probs[index], class_names, multilabel)
-        for k in values:
-            values[k].append(m[k])
-    return {k: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))] for k, v in values.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -570,11 +508,6 @@ def describe_metrics(metrics):
                     for k in ("accuracy", "auroc", "auprc_macro"))
 
 
-def mean_std(values):
-    values = np.asarray(values, np.float64)
-    return {"mean": float(values.mean()), "std": float(values.std()), "n": len(values)}
-
-
 if __name__ == "__main__":
     from config import configure
     config = configure(globals())
@@ -626,7 +559,7 @@ if __name__ == "__main__":
           + f" | classes {class_names}")
 
     # ---- one evaluation per seed: backbone, features (cached), linear probe, k-NN, metadata probe
-    arch_name = f"vit-{arch}{f'-d{depth}' if depth else ''}-p{patch_size}-{img_size}-ls{layerscale_init}"
+    arch_name = f"vit-{model_size}{f'-d{depth}' if depth else ''}-p{patch_size}-{img_size}-ls{layerscale_init}"
     layer_tag = "" if not layers else "-L" + "_".join(map(str, layers))
     runs, model = [], None
     for seed in seeds:
@@ -637,7 +570,7 @@ if __name__ == "__main__":
             print(f"backbone: {init_from} (seed {seed} only shuffles the CV folds)")
         else:
             size_overrides = {"depth": depth} if depth > 0 else {}
-            model = ViT(vit_config(arch, patch_size=patch_size, img_size=img_size, layerscale_init=layerscale_init,
+            model = ViT(vit_config(model_size, patch_size=patch_size, img_size=img_size, layerscale_init=layerscale_init,
                                    **size_overrides))
             print(f"backbone: RANDOM INIT {arch_name} seed {seed} (no init_from): a random-feature baseline")
         tag = backbone_tag(init_from, arch_name, seed)

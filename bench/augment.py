@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: `python bench/augment.py`
-import pretrain as P  # noqa: E402
-from data import BatchedDinoAugmentation  # noqa: E402
+from data import (BatchedDinoAugmentation, MaskedCollate, MultiCropDataset, SourceImageDataset,  # noqa: E402
+                  StepBatchSampler, auto_source_px)
 
 # config ----------------------------------------------------------------------------------------
 num_workers = 2            # DataLoader processes for (a) and for (b)'s loader
@@ -33,7 +33,7 @@ n_images = 256             # distinct source images (the dataset cycles through 
 geometries = ("medmnist_tiny", "dinov2")
 patch_size = 8             # for the iBOT mask grid only
 cpu_threads = 1            # torch threads for (b) on a CPU; on a shared CPU, more threads than free cores make
-                           # OpenMP's spin-waits dominate (40x slower measured with 2 threads on a busy 2-core box)
+                           # OpenMP's spin-waits dominate (bench/README.md)
 out_json = "out/bench_augment.json"
 from config import configure  # noqa: E402
 config = configure(globals())
@@ -59,9 +59,9 @@ class GrayImages(torch.utils.data.Dataset):
 
 
 def loader(dataset, grid_size):
-    sampler = P.StepBatchSampler(len(dataset), batch_size, seed=0, start_step=0, max_iters=n_batches + 1)
+    sampler = StepBatchSampler(len(dataset), batch_size, seed=0, start_step=0, max_iters=n_batches + 1)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                       collate_fn=P.MaskedCollate(grid_size, 0.5, (0.1, 0.5)),
+                                       collate_fn=MaskedCollate(grid_size, 0.5, (0.1, 0.5)),
                                        prefetch_factor=4 if num_workers else None)
 
 
@@ -93,13 +93,13 @@ def device_images_per_s(augmentation, images, device):
 
 def bench_one(geometry, n_local, device):
     global_px, local_px = GEOMETRIES[geometry]
-    source_px = P.auto_source_px(global_px, GLOBAL_SCALE)
+    source_px = auto_source_px(global_px, GLOBAL_SCALE)
     images = GrayImages(n_images, source_px)
     crop_args = dict(global_crops_size=global_px, local_crops_size=local_px, n_local_crops=n_local,
                      global_crops_scale=GLOBAL_SCALE, local_crops_scale=LOCAL_SCALE)
     grid_size = global_px // patch_size
-    per_image = loader_images_per_s(P.MultiCropDataset(images, **crop_args), grid_size)
-    source_loader = loader_images_per_s(P.SourceImageDataset(images, source_px), grid_size)
+    per_image = loader_images_per_s(MultiCropDataset(images, **crop_args), grid_size)
+    source_loader = loader_images_per_s(SourceImageDataset(images, source_px), grid_size)
     batch = images.images[:batch_size].to(device)
     batched = device_images_per_s(BatchedDinoAugmentation(**crop_args), batch, device)
     return {"geometry": f"{global_px}/{local_px}", "source_px": source_px, "crops": f"2+{n_local}" if n_local else "2",

@@ -6,9 +6,20 @@ file, which is executed over those globals, or `--key=value`, which overrides on
 keys and type mismatches are errors, so a typo never silently trains the wrong model.
 """
 import ast
+import difflib
 import sys
 
 CONFIG_TYPES = (int, float, bool, str, tuple, type(None))
+# keys that once meant the same thing under another name in some script: the configurator points at
+# today's name instead of just refusing the old one
+RENAMED_KEYS = {
+    "vit_size": "model_size", "arch": "model_size",
+    "amp": "dtype", "amp_dtype": "dtype",
+    "num_threads": "cpu_threads",
+    "log_every": "log_interval",
+    "n_phantoms": "phantom_sizes", "n_phantom_train": "phantom_sizes", "n_phantom_val": "phantom_sizes",
+    "n_phantom_test": "phantom_sizes", "phantom_size_px": "phantom_px",
+}
 
 
 def config_keys(namespace):
@@ -16,6 +27,14 @@ def config_keys(namespace):
     UPPER_CASE constants (tables of choices, not settings)."""
     return [k for k, v in namespace.items()
             if not k.startswith("_") and not k.isupper() and isinstance(v, CONFIG_TYPES)]
+
+
+def unknown_key_error(key, keys, where):
+    """A one-line KeyError that names the key and the closest known one (renamed or mistyped)."""
+    guess = RENAMED_KEYS.get(key) if RENAMED_KEYS.get(key) in keys else None
+    guess = guess or next(iter(difflib.get_close_matches(key, keys, n=1, cutoff=0.6)), None)
+    hint = f"; did you mean {guess}?" if guess else f"; known keys: {', '.join(sorted(keys))}"
+    return KeyError(f"{where}unknown config key {key}{hint}")
 
 
 def parse_value(text):
@@ -57,13 +76,13 @@ def configure(namespace, argv=None):
                 if key.startswith("_") or isinstance(value, type(sys)) or callable(value):
                     continue
                 if key not in keys:
-                    raise KeyError(f"{arg}: unknown config key '{key}'")
+                    raise unknown_key_error(key, keys, f"{arg}: ")
                 namespace[key] = check_type(key, namespace[key], value)
         else:
             if "=" not in arg:
                 raise ValueError(f"argument '{arg}': expected --key=value")
             key, text = arg[2:].split("=", 1)
             if key not in keys:
-                raise KeyError(f"unknown config key '{key}'; known keys: {', '.join(sorted(keys))}")
+                raise unknown_key_error(key, keys, "")
             namespace[key] = check_type(key, namespace[key], parse_value(text))
     return {k: namespace[k] for k in sorted(keys)}

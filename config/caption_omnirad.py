@@ -6,7 +6,7 @@
 # (without bart_init, BART-base starts random and the BPE tokenizer is trained on the captions)
 out_dir = "out/caption_omnirad"
 img_size = 224
-arch = "base"          # random-init encoder only (init_from sets the real one)
+model_size = "base"    # random-init encoder only (init_from sets the real one)
 patch_size = 14
 bart_size = "base"
 n_queries = 64

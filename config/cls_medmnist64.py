@@ -1,10 +1,10 @@
-# The recipe behind the README's MedMNIST evidence rows: ViT-tiny/8 at 64 px (28 px MedMNIST images
+# The recipe behind RESULTS.md's MedMNIST fine-tuning rows: ViT-tiny/8 at 64 px (28 px MedMNIST images
 # upsampled), random init or --init_from=<nanorad backbone>. Random init needs a larger lr than
 # OmniRad's 1e-5 and no LayerScale damping at the start.
 #   python finetune_cls.py config/cls_medmnist64.py --data_path=../shared/data/pneumoniamnist.npz --seeds=0,1,2
 dataset = "medmnist"
 img_size = 64
-vit_size = "tiny"
+model_size = "tiny"
 patch_size = 8
 layerscale_init = None
 epochs = 40

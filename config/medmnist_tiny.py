@@ -1,6 +1,6 @@
 # Real radiographs, small: ViT-tiny/8 at 64 px on the MedMNIST Pneumonia + Breast train images and the
 # covid_cxr_xray256 train split (5580 images), RAD-DINO multi-crop (2 global + 8 local crops).
-# This is how the evidence backbone (/work/ckpt/pretrained_vit.safetensors) was made, on one GPU:
+# One GPU (the backbones of RESULTS.md, "Frozen-feature probes"):
 #   python pretrain.py config/medmnist_tiny.py
 # Paths are relative to the repository root, with the data beside it in ../shared/data.
 train_data = ("../shared/data/pneumoniamnist.npz", "../shared/data/breastmnist.npz",
@@ -28,5 +28,4 @@ eval_every = 250
 eval_max_images = 2000
 ckpt_every = 500
 num_workers = 14
-augment_on_device = False  # True: crops made on the GPU in batches. On an H100 it barely matters here (300 steps:
-                           # 2173 img/s against 2026 with 14 workers); the backbones in README used False
+augment_on_device = False  # True: crops made on the GPU in batches; about the same speed here (bench/README.md)

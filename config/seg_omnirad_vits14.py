@@ -2,9 +2,9 @@
 # ViT's, 17.5 M trainable parameters for 2 classes), AdamW lr 1e-4, wd 1e-4, batch 16, 20 epochs,
 # bf16 autocast, selection on val mIoU, 5 seeds. Needs a GPU. Give the data and the backbone:
 #   python finetune_seg.py config/seg_omnirad_vits14.py --data_path=busi_256.npz --init_from=omnirad_small.safetensors
-# (for ViT-B: --vit_size=base with random init, or a base checkpoint.)
+# (for ViT-B: --model_size=base with random init, or a base checkpoint.)
 img_size = 448
-vit_size = "small"
+model_size = "small"
 patch_size = 14
 head = "omnirad"
 omnirad_width = 0
@@ -13,7 +13,7 @@ epochs = 20
 batch_size = 16
 lr = 1e-4
 weight_decay = 1e-4
-amp_dtype = "bfloat16"
+dtype = "bfloat16"
 seeds = (0, 1, 2, 3, 4)
-num_threads = 0
+cpu_threads = 0
 eval_batch_size = 32

@@ -1,8 +1,11 @@
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -18,6 +21,12 @@ def oracles_dir():
 
 
 @pytest.fixture(scope="session")
+def loss_oracle(oracles_dir):
+    """DINOv2's DINO / iBOT / KoLeo losses and teacher targets on fixed inputs (see the oracles README)."""
+    return load_file(str(oracles_dir / "dinov2_losses.safetensors"))
+
+
+@pytest.fixture(scope="session")
 def data_dir():
     path = SHARED / "data"
     if not path.is_dir():
@@ -27,8 +36,19 @@ def data_dir():
 
 @pytest.fixture(autouse=True)
 def one_cpu_thread():
-    """Small ops on a shared 2-core CPU run 10-30x slower with two OpenMP threads fighting for it."""
+    """Small ops run 10-30x slower when OpenMP threads outnumber the free cores (CI machines are small)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def cpu_env(**extra):
+    """The environment of a script run in a test: on the CPU, also on a GPU machine."""
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", **extra}
+
+
+def run_stage(script, *args, timeout=300, **env):
+    """`python <script> <args>` from the repository root on the CPU; the finished process, output captured."""
+    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=REPO, env=cpu_env(**env),
+                          capture_output=True, text=True, timeout=timeout)

@@ -1,7 +1,13 @@
 """The configurator: config files and --key=value overrides, with errors for typos and wrong types."""
+import ast
+import re
+from pathlib import Path
+
 import pytest
 
 from config import configure
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def defaults():
@@ -58,3 +64,32 @@ def test_upper_case_constants_are_not_settings():
     ns = dict(defaults(), MODES=("full", "head"))
     with pytest.raises(KeyError, match="MODES"):
         configure(ns, ["--MODES=('x',)"])
+
+
+def test_an_old_key_name_points_at_todays_name():
+    ns = dict(defaults(), model_size="tiny", dtype="float32")
+    with pytest.raises(KeyError, match="unknown config key vit_size; did you mean model_size"):
+        configure(ns, ["--vit_size=small"])
+    with pytest.raises(KeyError, match="unknown config key amp_dtype; did you mean dtype"):
+        configure(ns, ["--amp_dtype=float16"])
+
+
+def test_a_mistyped_key_points_at_the_closest_known_key(tmp_path):
+    with pytest.raises(KeyError, match="did you mean batch_size"):
+        configure(defaults(), ["--batchsize=8"])
+    path = tmp_path / "cfg.py"
+    path.write_text("out_dri = 'out/z'\n")
+    with pytest.raises(KeyError, match="cfg.py: unknown config key out_dri; did you mean out_dir"):
+        configure(defaults(), [str(path)])
+
+
+SCRIPT_OF_CONFIG = {"caption_": "caption.py", "cls_": "finetune_cls.py", "seg_": "finetune_seg.py", "probe_": "probe.py"}
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in (REPO / "config").glob("*.py") if p.name != "__init__.py"))
+def test_every_ready_config_sets_only_keys_its_script_declares(path):
+    script = next((s for prefix, s in SCRIPT_OF_CONFIG.items() if path.startswith(prefix)), "pretrain.py")
+    declared = set(re.findall(r"^([a-z_][a-z0-9_]*) = ", (REPO / script).read_text(), re.M))
+    assigned = [t.id for node in ast.parse((REPO / "config" / path).read_text()).body if isinstance(node, ast.Assign)
+                for t in node.targets if isinstance(t, ast.Name) and not t.id.startswith("_")]
+    assert assigned and set(assigned) <= declared, f"{path}: keys {set(assigned) - declared} are not in {script}"

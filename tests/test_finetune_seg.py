@@ -1,20 +1,17 @@
-"""finetune_seg.py: segmentation metrics on hand-computed masks, frozen-backbone training, head
-output shapes at odd input sizes, data loaders, overlays, and a short run on the phantoms."""
+"""finetune_seg.py: the Dice loss, frozen-backbone training, head output shapes at odd input sizes,
+data loaders, overlays, and a short run on the phantoms (its metrics: tests/test_metrics.py)."""
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import finetune_seg as fs
+from conftest import run_stage
+from metrics import segmentation_metrics
 from model import ViT, ViTConfig
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_vit(patch_size=14, depth=4, seed=0):
@@ -30,66 +27,7 @@ def tiny_segmenter(head, patch_size=14, n_classes=3, seed=0):
     return fs.FrozenBackboneSegmenter(vit, seg_head, layers)
 
 
-# ---------------------------------------------------------------------------------------------- metrics
-
-PRED = np.array([[0, 1, 1], [0, 1, 2], [2, 2, 0]])
-TARGET = np.array([[0, 1, 0], [1, 1, 2], [2, 0, 0]])
-
-
-def test_confusion_counts_match_hand_counted_pixels():
-    tp, fp, fn = fs.confusion_counts(PRED, TARGET, 3)
-    assert tp.tolist() == [2, 2, 2]
-    assert fp.tolist() == [1, 1, 1]
-    assert fn.tolist() == [2, 1, 0]
-
-
-def test_iou_and_dice_match_hand_computed_values():
-    iou, dice = fs.iou_and_dice(*fs.confusion_counts(torch.tensor(PRED), torch.tensor(TARGET), 3))
-    np.testing.assert_allclose(iou, [2 / 5, 2 / 4, 2 / 3])
-    np.testing.assert_allclose(dice, [4 / 7, 4 / 6, 4 / 5])
-
-
-def test_class_absent_from_prediction_and_target_is_skipped_not_scored():
-    empty = np.zeros((4, 4), dtype=np.int64)           # image A: background only, predicted so
-    lung = empty.copy()
-    lung[1:3, 1:3] = 1                                  # image B: class 1 present, predicted absent
-    iou, dice = fs.iou_and_dice(*fs.confusion_counts(empty, empty, 3))
-    assert iou[0] == 1.0 and dice[0] == 1.0
-    assert np.isnan(iou[1:]).all() and np.isnan(dice[1:]).all()
-    m = fs.segmentation_metrics([empty, empty], [empty, lung], 3)
-    assert m["per_class"]["1"]["dice"] == 0.0            # missed entirely: 0, not skipped
-    assert m["per_class"]["1"]["n_images_scored"] == 1   # image A does not count for class 1
-    assert math.isnan(m["per_class"]["2"]["dice"]) and m["per_class"]["2"]["n_images_scored"] == 0
-    assert m["mDice"] == 0.0 and m["mIoU"] == 0.0        # the mean skips class 2 instead of failing
-
-
-def test_empty_prediction_of_nonempty_target_scores_zero_and_empty_pair_is_skipped():
-    target = np.zeros((2, 2), dtype=np.int64)
-    target[0, 0] = 1
-    m = fs.segmentation_metrics([np.zeros((2, 2)), np.zeros((2, 2))], [target, np.zeros((2, 2))], 2)
-    assert m["mDice"] == 0.0 and m["per_class"]["1"]["n_images_scored"] == 1
-
-
-def test_dice_is_an_image_mean_while_iou_and_f1_pool_pixels():
-    t1, p1 = np.zeros((4, 4), np.int64), np.zeros((4, 4), np.int64)
-    t1[:2, :2] = 1
-    p1[:2, :2] = 1                                      # image 1: perfect, 4 px
-    t2, p2 = np.zeros((4, 4), np.int64), np.zeros((4, 4), np.int64)
-    t2[3, :2] = 1
-    p2[3, 2:] = 1                                       # image 2: 2 px target, 2 px wrong guess
-    m = fs.segmentation_metrics(np.stack([p1, p2]), np.stack([t1, t2]), 2)
-    assert m["mDice"] == pytest.approx(0.5)              # (1 + 0) / 2
-    assert m["mIoU"] == pytest.approx(4 / 8)             # tp 4, fp 2, fn 2 pooled
-    assert m["mF1"] == pytest.approx(8 / 12)
-    assert m["dice_std_over_images"] == pytest.approx(0.5)
-    # background is reported but kept out of the means
-    assert m["mIoU_with_background"] == pytest.approx((4 / 8 + 24 / 28) / 2)
-
-
-def test_metrics_reject_labels_outside_the_class_range():
-    with pytest.raises(ValueError, match="labels span"):
-        fs.confusion_counts(np.array([0, 3]), np.array([0, 1]), 3)
-
+# ---------------------------------------------------------------------------------------------- loss
 
 def test_soft_dice_loss_equals_one_minus_hard_dice_for_confident_logits():
     target = torch.tensor([[[0, 1], [1, 2]]])
@@ -181,8 +119,8 @@ def test_short_run_on_phantoms_beats_all_background_dice():
     for _ in range(8):
         for idx in fs.epoch_batches(len(train_x), 16, generator):
             fs.train_step(model, optimizer, train_x[idx], train_y[idx], fs.select_features(cache, idx))
-    trained = fs.segmentation_metrics(fs.predict(model, test_x, 16, torch.device("cpu")), test_y, len(names))
-    background = fs.segmentation_metrics(torch.zeros_like(test_y), test_y, len(names))
+    trained = segmentation_metrics(fs.predict(model, test_x, 16, torch.device("cpu")), test_y, len(names))
+    background = segmentation_metrics(torch.zeros_like(test_y), test_y, len(names))
     assert trained["mDice"] > background["mDice"] + 0.25
     assert trained["per_class"]["1"]["dice"] > 0.6  # the lungs, present in every phantom
 
@@ -252,11 +190,10 @@ def test_covid_lung_csv_loads_binary_masks_with_patient_splits(data_dir):
 @pytest.mark.parametrize("extra", [["--head=linear", "--seeds=0,1"], ["--head=omnirad", "--augment=True", "--hflip=True"]],
                          ids=["cached-features", "augmented"])
 def test_script_runs_end_to_end_and_writes_json_table_and_overlays(tmp_path, extra):
-    cmd = [sys.executable, "finetune_seg.py", "--epochs=2", "--batch_size=8", "--n_phantom_train=16",
-           "--n_phantom_val=8", "--n_phantom_test=4", "--phantom_px=32", "--img_size=32", "--depth=3",
+    cmd = ["--epochs=2", "--batch_size=8", "--phantom_sizes=(16,8,4)",
+           "--phantom_px=32", "--img_size=32", "--depth=3",
            "--omnirad_width=16", "--n_overlays=2", f"--out_dir={tmp_path}"] + extra
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})  # the CPU run, also on a GPU machine
+    result = run_stage("finetune_seg.py", *cmd, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "results.json").read_text())
     assert [r["seed"] for r in summary["runs"]] == list(summary["seeds"])

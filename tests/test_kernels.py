@@ -7,21 +7,18 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import kernels
+from conftest import REPO
 from kernels.attention import attention_reference, attention_triton
 from kernels.centering import softmax_center_reference, softmax_center_triton, update_center
 from kernels.ema import ema_reference_, ema_triton_
 from kernels.sinkhorn import sinkhorn_knopp_reference, sinkhorn_knopp_triton
 
-REPO = Path(__file__).resolve().parents[1]
-LOSS_ORACLE = "dinov2_losses.safetensors"  # in ../shared/oracles (the oracles_dir fixture)
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # The cuda tests check the compiled kernels; the interpreter is what the CPU tests check.
 cuda = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED,
@@ -43,12 +40,6 @@ def dinov2_sinkhorn_float64(teacher_logits, teacher_temp, n_samples=None, n_iter
         Q /= B
     Q *= B
     return Q.t()
-
-
-@pytest.fixture(scope="module")
-def loss_oracle(oracles_dir):
-    with safe_open(str(oracles_dir / LOSS_ORACLE), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,22 +17,19 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 from safetensors.torch import load_file
 
+import checkpoint
 import model
 import pretrain as P
-from data import MaskingGenerator
+from conftest import REPO, cpu_env, run_stage
+from data import (MaskedCollate, MaskingGenerator, MultiCropDataset, SourceImageDataset, auto_source_px, item_seed,
+                  open_images)
 from model import DINOHead, ViT, vit_config
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------------------------
 # Losses vs ../shared/oracles/dinov2_losses.safetensors (made by facebookresearch/dinov2's loss code)
 # ----------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def loss_oracle(oracles_dir):
-    return load_file(str(oracles_dir / "dinov2_losses.safetensors"))
-
 
 def test_koleo_loss_matches_dinov2_oracle(loss_oracle):
     ours = P.koleo_loss(loss_oracle["koleo.x"])
@@ -102,15 +99,6 @@ def test_init_head_from_reproduces_the_published_dinov2_head(oracles_dir, tmp_pa
 # ----------------------------------------------------------------------------------------------
 # Schedules and parameter groups
 # ----------------------------------------------------------------------------------------------
-
-def test_cosine_schedule_is_dinov2s_warmup_then_half_cosine():
-    s = P.cosine_schedule(1.0, 0.1, 20, warmup_iters=5, start_warmup_value=0.0, frozen_iters=3)
-    assert len(s) == 20
-    assert (s[:3] == 0).all()
-    torch.testing.assert_close(torch.tensor(s[3:8]), torch.linspace(0, 1, 5, dtype=torch.float64))
-    assert s[8] == 1.0 and abs(s[-1] - (0.1 + 0.45 * (1 + math.cos(math.pi * 11 / 12)))) < 1e-12
-    assert all(a >= b for a, b in zip(s[8:], s[9:]))
-
 
 def test_param_groups_apply_layerwise_decay_patch_embed_multiplier_and_no_decay_on_norms():
     backbone = ViT(vit_config("tiny", depth=3, patch_size=8, img_size=32))
@@ -442,19 +430,13 @@ def test_two_gloo_processes_average_gradients_to_the_one_process_gradients(tmp_p
 
 TINY_RUN = ["--model_size=tiny", "--depth=2", "--patch_size=8", "--global_crops_size=32", "--local_crops_size=16",
             "--n_local_crops=2", "--batch_size=8", "--head_n_prototypes=128", "--head_hidden_dim=64",
-            "--head_bottleneck_dim=32", "--n_phantoms=64", "--phantom_size_px=32", "--eval_every=0",
+            "--head_bottleneck_dim=32", "--phantom_sizes=(64,64,64)", "--phantom_px=32", "--eval_every=0",
             "--log_interval=1", "--warmup_iters=2", "--teacher_temp_warmup_iters=4", "--freeze_last_layer_iters=1"]
 
 
-def cpu_run_env(**extra):
-    """The runs these tests check are one-thread CPU runs (fp32, bitwise resume), also on a GPU machine."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **extra}
-
-
-def run_script(args, cwd=REPO, timeout=300):
-    env = cpu_run_env(PYTHONHASHSEED="0")
-    return subprocess.run([sys.executable, "pretrain.py", *TINY_RUN, *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+def run_script(args, timeout=300):
+    """A one-thread CPU run of the tiny config (fp32, so resume is bitwise), also on a GPU machine."""
+    return run_stage("pretrain.py", *TINY_RUN, *args, timeout=timeout, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
 
 
 def checkpoint_step(out_dir):
@@ -495,7 +477,7 @@ def assert_killed_run_resumes_to_the_same_weights(tmp_path, common, n):
     assert full.returncode == 0, full.stderr[-3000:]
 
     killed_dir = tmp_path / "killed"
-    env = cpu_run_env()
+    env = cpu_env(OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "pretrain.py", *TINY_RUN, *common, f"--out_dir={killed_dir}"], cwd=REPO,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
@@ -527,8 +509,8 @@ def test_interrupted_checkpoint_write_leaves_the_previous_checkpoint_loadable(tm
     batch = tiny_batches(1)[0]
     P.train_step(student, teacher, optimizer, batch, values, centers)
     path = tmp_path / "ckpt.safetensors"
-    P.save_checkpoint(path, student, teacher, optimizer, centers, {"step": 1})
-    saved = {k: v.clone() for k, v in P.checkpoint_tensors(student, teacher, optimizer, centers).items()}
+    checkpoint.save_checkpoint(path, student, teacher, optimizer, centers, {"step": 1})
+    saved = {k: v.clone() for k, v in checkpoint.checkpoint_tensors(student, teacher, optimizer, centers).items()}
     P.train_step(student, teacher, optimizer, batch, values, centers)
 
     real_save_file = model.save_file
@@ -541,14 +523,14 @@ def test_interrupted_checkpoint_write_leaves_the_previous_checkpoint_loadable(tm
 
     monkeypatch.setattr(model, "save_file", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
-        P.save_checkpoint(path, student, teacher, optimizer, centers, {"step": 2})
+        checkpoint.save_checkpoint(path, student, teacher, optimizer, centers, {"step": 2})
     monkeypatch.undo()
 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors", "ckpt.safetensors.json"]  # no temp left
     fresh_student, fresh_teacher, fresh_optimizer, fresh_centers, _ = tiny_training_state()
-    state = P.load_checkpoint(path, fresh_student, fresh_teacher, fresh_optimizer, fresh_centers)
+    state = checkpoint.load_checkpoint(path, fresh_student, fresh_teacher, fresh_optimizer, fresh_centers)
     assert state["step"] == 1
-    reloaded = P.checkpoint_tensors(fresh_student, fresh_teacher, fresh_optimizer, fresh_centers)
+    reloaded = checkpoint.checkpoint_tensors(fresh_student, fresh_teacher, fresh_optimizer, fresh_centers)
     assert set(reloaded) == set(saved)
     for k, v in saved.items():
         assert torch.equal(reloaded[k], v), k
@@ -570,7 +552,7 @@ def assert_loss_falls_and_features_spread(log_path):
     """Over a short run's log.jsonl, the last five logged steps against the first five: the total loss
     falls by more than 0.5, the iBOT loss falls, and the teacher's CLS features spread (no backbone
     collapse). Not asserted: that DINO leaves its uniform state. In runs this short it does not (the
-    DINO loss ends at log K and head_info near 0); README, Status, "Known gap", says why."""
+    DINO loss ends at log K and head_info near 0); RESULTS.md says why."""
     log = [json.loads(line) for line in log_path.read_text().splitlines()]
     first, last = log[:5], log[-5:]
     mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)
@@ -610,7 +592,7 @@ def test_view_correlation_ignores_the_shared_feature_and_measures_per_image_agre
 
 def test_short_run_on_phantoms_lowers_the_loss_and_spreads_the_features(tmp_path):
     out = tmp_path / "run"
-    result = run_script(["--max_iters=40", f"--out_dir={out}", "--batch_size=16", "--n_phantoms=256",
+    result = run_script(["--max_iters=40", f"--out_dir={out}", "--batch_size=16", "--phantom_sizes=(256,64,64)",
                          "--eval_every=40", "--eval_max_images=128", "--base_lr=0.02", "--layerscale_init=0.1",
                          "--momentum_teacher=0.9"])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -665,14 +647,14 @@ def test_guard_rail_stops_on_a_falling_score_and_the_best_checkpoint_on_disk_has
     for step, batch in enumerate(batches, start=1):
         P.train_step(student, teacher, optimizer, batch, values, centers)
         snapshots[step] = {k: v.clone() for k, v in teacher.state_dict().items()}
-        save = lambda: P.save_checkpoint(best, student, teacher, optimizer, centers, {"step": step, "guard": guard.state()})
+        save = lambda: checkpoint.save_checkpoint(best, student, teacher, optimizer, centers, {"step": step, "guard": guard.state()})
         score, stop = P.evaluate_and_guard(step, lambda: next(scores), guard, save)
         if stop:
             stopped_at = step
             break
     assert stopped_at == 4  # 0.60 < 0.70 - 0.05; 0.68 was still within the allowed drop
     assert (guard.best_step, guard.best_score) == (2, 0.70)
-    assert P.read_checkpoint_state(best)["step"] == 2
+    assert checkpoint.read_checkpoint_state(best)["step"] == 2
     on_disk = load_file(str(best))
     for k, v in snapshots[2].items():
         assert torch.equal(on_disk[f"teacher.{k}"], v)
@@ -684,12 +666,12 @@ def test_guard_rail_stops_on_a_falling_score_and_the_best_checkpoint_on_disk_has
 # ----------------------------------------------------------------------------------------------
 
 def test_source_images_collate_draws_the_masks_the_crop_collate_draws():
-    images = P.open_images("phantom", "train", n_phantoms=16, phantom_size_px=40)
-    keys = [(i, P.item_seed(0, i, 0), P.item_seed(0, 3, 0, 1)) for i in range(6)]
-    collate = P.MaskedCollate(4, 0.5, (0.1, 0.5))
-    from_crops = collate([P.MultiCropDataset(images, global_crops_size=32, local_crops_size=16, n_local_crops=2)[k]
+    images = open_images("phantom", "train", phantom_sizes=(16, 64, 64), phantom_px=40)
+    keys = [(i, item_seed(0, i, 0), item_seed(0, 3, 0, 1)) for i in range(6)]
+    collate = MaskedCollate(4, 0.5, (0.1, 0.5))
+    from_crops = collate([MultiCropDataset(images, global_crops_size=32, local_crops_size=16, n_local_crops=2)[k]
                           for k in keys])
-    from_images = collate([P.SourceImageDataset(images, 57)[k] for k in keys])
+    from_images = collate([SourceImageDataset(images, 57)[k] for k in keys])
     assert from_images["images"].shape == (6, 3, 57, 57) and "global_crops" not in from_images
     for k in ("masks", "mask_indices", "masks_weight", "n_masked_patches"):
         assert torch.equal(from_images[k], from_crops[k]), k
@@ -697,9 +679,9 @@ def test_source_images_collate_draws_the_masks_the_crop_collate_draws():
 
 
 def test_auto_source_size_keeps_the_smallest_global_crop_at_full_resolution():
-    assert P.auto_source_px(224, (0.32, 1.0)) == 396  # 224 / sqrt(0.32) = 395.98
-    assert P.auto_source_px(64, (0.25, 1.0)) == 128
-    assert P.auto_source_px(48, (1.0, 1.0)) == 48
+    assert auto_source_px(224, (0.32, 1.0)) == 396  # 224 / sqrt(0.32) = 395.98
+    assert auto_source_px(64, (0.25, 1.0)) == 128
+    assert auto_source_px(48, (1.0, 1.0)) == 48
 
 
 def test_augment_source_px_below_the_global_crop_size_is_an_error(tmp_path):
@@ -709,7 +691,7 @@ def test_augment_source_px_below_the_global_crop_size_is_an_error(tmp_path):
 
 
 def test_train_repeats_repeat_each_source_within_an_epoch(tmp_path):
-    result = run_script(['--train_data=("phantom", "phantom")', "--train_repeats=(1, 3)", "--n_phantoms=64",
+    result = run_script(['--train_data=("phantom", "phantom")', "--train_repeats=(1, 3)", "--phantom_sizes=(64,64,64)",
                          "--max_iters=1", f"--out_dir={tmp_path}"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "data: 256 training images from phantom, phantom x3;" in result.stdout
@@ -722,7 +704,7 @@ def test_train_repeats_repeat_each_source_within_an_epoch(tmp_path):
 def test_short_run_with_crops_made_on_the_device_lowers_the_loss(tmp_path, dtype):
     out = tmp_path / "run"
     result = run_script(["--augment_on_device=True", "--max_iters=40", f"--out_dir={out}", "--batch_size=16",
-                         "--n_phantoms=256", "--base_lr=0.02", "--layerscale_init=0.1", "--momentum_teacher=0.9",
+                         "--phantom_sizes=(256,64,64)", "--base_lr=0.02", "--layerscale_init=0.1", "--momentum_teacher=0.9",
                          f"--dtype={dtype}"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "crops made on cpu from 57 px squares" in result.stdout  # ceil(32 / sqrt(0.32))

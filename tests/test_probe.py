@@ -1,4 +1,5 @@
-"""probe.py: linear probe, k-NN, grouped CV, PCA / t-SNE, recomputed attention, feature extraction."""
+"""probe.py: linear probe, grouped CV, PCA / t-SNE, recomputed attention, feature extraction (its metrics
+and k-NN: tests/test_metrics.py)."""
 import math
 
 import numpy as np
@@ -7,10 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from model import ViT, ViTConfig
-from probe import (block_attention, bootstrap_interval, cached_features, cls_attention_maps, cross_validate_probe,
-                   extract_features, grouped_folds, knn_predict, last_block_input, metadata_targets,
-                   patch_similarity, pca, probe_metrics, save_scatter, train_linear_probe, tsne, tsne_affinities,
-                   PALETTE)
+from probe import (block_attention, cached_features, cls_attention_maps, cross_validate_probe, extract_features,
+                   grouped_folds, last_block_input, metadata_targets, patch_similarity, pca, save_scatter,
+                   train_linear_probe, tsne, tsne_affinities, PALETTE)
 
 
 def separable_set(n, dim, margin, seed):
@@ -72,75 +72,6 @@ def test_multilabel_probe_learns_each_label_with_a_sigmoid():
     probs = probe.predict_proba(x[1100:])
     assert probs.shape == (400, 3) and not torch.allclose(probs.sum(dim=1), torch.ones(400))
     assert ((probs > 0.5).long() == y[1100:]).float().mean(dim=0).min() > 0.95
-
-
-def test_probe_metrics_on_a_hand_computed_binary_case():
-    y = torch.tensor([0, 1, 1, 0])
-    p1 = torch.tensor([0.1, 0.8, 0.4, 0.6])
-    m = probe_metrics(y, torch.stack([1 - p1, p1], dim=1), ["neg", "pos"])
-    assert m["accuracy"] == pytest.approx(0.5)
-    assert m["auroc"] == pytest.approx(3 / 4)  # positive > negative in 3 of 4 pairs
-    # ranked 0.8(+) 0.6(-) 0.4(+) 0.1(-): AP = 1/2 * 1 + 1/2 * 2/3
-    assert m["auprc_per_class"]["pos"] == pytest.approx(0.5 + 1 / 3)
-    # class 0 scored by 1 - p: ranked 0.9(-) 0.6(-)... negatives of class 1 are its positives: 0.9(+) 0.6(-) 0.4(+) 0.2(-)
-    assert m["auprc_per_class"]["neg"] == pytest.approx(0.5 + 1 / 3)
-    assert m["auprc_macro"] == pytest.approx(0.5 + 1 / 3)
-
-
-def test_bootstrap_interval_is_as_wide_as_the_hanley_mcneil_standard_error():
-    # 300 negatives ~ N(0, 1), 200 positives ~ N(1, 1): AUROC ~0.76. Hanley & McNeil (1982) give its
-    # standard error; a 95% percentile interval should span about 2 * 1.96 of it around the estimate.
-    gen = torch.Generator().manual_seed(0)
-    y = torch.cat([torch.zeros(300), torch.ones(200)]).long()
-    score = torch.randn(500, generator=gen) + y
-    probs = torch.stack([1 - score.sigmoid(), score.sigmoid()], dim=1)
-    a = probe_metrics(y, probs, ["neg", "pos"])["auroc"]
-    n_pos, n_neg, q1, q2 = 200, 300, a / (2 - a), 2 * a * a / (1 + a)
-    se = math.sqrt((a * (1 - a) + (n_pos - 1) * (q1 - a * a) + (n_neg - 1) * (q2 - a * a)) / (n_pos * n_neg))
-    lo, hi = bootstrap_interval(y, probs, ["neg", "pos"], n_resamples=400)["auroc"]
-    assert lo < a < hi
-    assert hi - lo == pytest.approx(2 * 1.96 * se, rel=0.2)
-    assert (lo + hi) / 2 == pytest.approx(a, abs=0.25 * se)
-
-
-def test_bootstrap_interval_keeps_both_classes_when_positives_are_rare():
-    # 2 positives in 40: an unstratified resample often has none (AUROC undefined); each class is resampled
-    # on its own, and a perfect separation stays perfect in every resample
-    y = torch.tensor([1, 1] + [0] * 38)
-    probs = torch.stack([1 - y.float(), y.float()], dim=1) * 0.8 + 0.1
-    ci = bootstrap_interval(y, probs, ["neg", "pos"], n_resamples=200)
-    assert ci == {"auroc": [1.0, 1.0], "auprc_macro": [1.0, 1.0]}
-
-
-# ---------------------------------------------------------------------------------------------- k-NN
-
-def knn_by_loops(train, labels, test, n_classes, k, temperature):
-    out = []
-    for q in test:
-        sims = [float(F.cosine_similarity(q, t, dim=0)) for t in train]
-        order = sorted(range(len(train)), key=lambda i: -sims[i])[:k]
-        votes = [0.0] * n_classes
-        for i in order:
-            votes[int(labels[i])] += math.exp(sims[i] / temperature)
-        out.append([v / sum(votes) for v in votes])
-    return torch.tensor(out)
-
-
-def test_knn_equals_a_brute_force_reference():
-    g = torch.Generator().manual_seed(0)
-    train, test = torch.randn(120, 16, generator=g) * 3, torch.randn(25, 16, generator=g)
-    labels = torch.randint(0, 4, (120,), generator=g)
-    fast = knn_predict(train, labels, test, 4, k=20, temperature=0.07, chunk_size=7)  # chunks of 7: 4 chunks
-    assert torch.allclose(fast, knn_by_loops(train, labels, test, 4, 20, 0.07), atol=1e-5)
-
-
-def test_knn_with_multi_hot_labels_gives_the_weighted_fraction_of_neighbours():
-    g = torch.Generator().manual_seed(1)
-    train, test = torch.randn(60, 8, generator=g), torch.randn(9, 8, generator=g)
-    multi = torch.randint(0, 2, (60, 3), generator=g)
-    probs = knn_predict(train, multi, test, 3, k=10, temperature=0.1)
-    per_column = torch.stack([knn_by_loops(train, multi[:, c], test, 2, 10, 0.1)[:, 1] for c in range(3)], dim=1)
-    assert torch.allclose(probs, per_column, atol=1e-5)
 
 
 # -------------------------------------------------------------------------------------- metadata probe

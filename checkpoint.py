@@ -1,0 +1,112 @@
+"""Training checkpoints that resume a run exactly: one safetensors file written atomically (temp file +
+rename) holding the networks, the optimizer state, the centres and every process's random states,
+with the run's JSON state in the file's metadata (so the two can never disagree) and copied beside it
+for people to read.
+"""
+import json
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from distributed import distributed, rank, world_size
+from model import load_state_strict, save_json_atomic, save_safetensors_atomic
+
+
+
+def rng_states():
+    """This process's random states: torch CPU (and CUDA) generators, numpy, python."""
+    numpy_state = np.random.get_state()
+    state = {"torch_cpu": torch.get_rng_state(), "numpy_keys": torch.from_numpy(numpy_state[1].astype(np.int64)),
+             "numpy": [numpy_state[0], int(numpy_state[2]), int(numpy_state[3]), float(numpy_state[4])],
+             "python": json.loads(json.dumps(random.getstate()))}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["torch_cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_states(state):
+    torch.set_rng_state(state["torch_cpu"])
+    if "torch_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["torch_cuda"])
+    name, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def checkpoint_tensors(student, teacher, optimizer, centers):
+    tensors = {}
+    for prefix, net in (("student", student), ("teacher", teacher)):
+        for part, module in net.items():
+            tensors.update({f"{prefix}.{part}.{k}": v for k, v in module.state_dict().items()})
+    names = {p: n for group in optimizer.param_groups for p, n in zip(group["params"], group["names"])}
+    for p, state in optimizer.state.items():
+        tensors.update({f"optim.{names[p]}.{k}": v for k, v in state.items()})  # AdamW: step, exp_avg, exp_avg_sq
+    tensors.update({f"center.{k}": v for k, v in centers.items()})
+    return tensors
+
+
+def save_checkpoint(path, student, teacher, optimizer, centers, state):
+    """Called on every rank (the RNG states of all ranks are gathered); rank 0 writes."""
+    rngs = [rng_states()]
+    if distributed():
+        rngs = [None] * world_size()
+        dist.all_gather_object(rngs, {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in rng_states().items()})
+    if rank() != 0:
+        return
+    tensors = checkpoint_tensors(student, teacher, optimizer, centers)
+    state = {**state, "rng": []}
+    for r, rng in enumerate(rngs):
+        state["rng"].append({k: v for k, v in rng.items() if not torch.is_tensor(v)})
+        tensors.update({f"rng.{r}.{k}": v for k, v in rng.items() if torch.is_tensor(v)})
+    save_safetensors_atomic(tensors, path, {"nanorad_pretrain": json.dumps(state)})
+    save_json_atomic({k: v for k, v in state.items() if k != "rng"}, str(path) + ".json")
+
+
+def checkpoint_state_or_none(path):
+    """The JSON state a pretrain.py checkpoint carries in its metadata; None for another safetensors file."""
+    with safe_open(str(path), "pt") as f:
+        meta = (f.metadata() or {}).get("nanorad_pretrain")
+    return None if meta is None else json.loads(meta)
+
+
+def read_checkpoint_state(path):
+    state = checkpoint_state_or_none(path)
+    if state is None:
+        raise ValueError(f"{path}: not a pretrain.py checkpoint (no 'nanorad_pretrain' metadata)")
+    return state
+
+
+def load_checkpoint(path, student, teacher, optimizer, centers):
+    """Restore everything save_checkpoint wrote, strictly; returns the JSON state."""
+    state = read_checkpoint_state(path)
+    tensors = load_file(str(path))
+    for prefix, net in (("student", student), ("teacher", teacher)):
+        for part, module in net.items():
+            head = f"{prefix}.{part}."
+            load_state_strict(module, {k[len(head):]: v for k, v in tensors.items() if k.startswith(head)},
+                              f"{path} [{prefix}.{part}]")
+    extra = sorted({k.split(".")[1] for k in tensors if k.startswith(("student.", "teacher."))} - set(student))
+    if extra:
+        raise KeyError(f"{path}: checkpoint has modules {extra} that this config does not build "
+                       f"(ibot_separate_head differs?)")
+    for group in optimizer.param_groups:
+        for p, name in zip(group["params"], group["names"]):
+            head = f"optim.{name}."
+            saved = {k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}
+            if saved:
+                optimizer.state[p] = {k: (v if k == "step" else v.to(p.device)) for k, v in saved.items()}
+    for k, center in centers.items():
+        center.copy_(tensors[f"center.{k}"])
+    saved_rng = state.get("rng", [])
+    if len(saved_rng) == world_size():
+        set_rng_states({**saved_rng[rank()], **{k.split(".", 2)[2]: v for k, v in tensors.items()
+                                                if k.startswith(f"rng.{rank()}.")}})
+    else:
+        print(f"resume: {path} was written by {len(saved_rng)} processes, this run has {world_size()}: "
+              f"random states are not restored (the run continues, but not bit-exactly)")
+    return state
