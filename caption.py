@@ -22,7 +22,6 @@ table.md (Table 12's layout), samples.png, captioner.safetensors (+ .json) and t
 """
 import json
 import math
-import textwrap
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from figures import sample_sheet
 from metrics import caption_metrics, corpus_bleu
 from schedules import lr_at  # linear warm-up, then cosine to zero
 
@@ -222,28 +222,6 @@ def format_table(rows, encoder_name, baseline):
                      + " | ".join(f"{row[c]:.2f}" for c in cols) + " |")
     lines.append("| constant caption (no image) | - | - | " + " | ".join(f"{baseline[c]:.2f}" for c in cols) + " |")
     return "\n".join(lines)
-
-
-def sample_sheet(images, generated, references, path, tile_px=192, text_lines=8):
-    """A PNG grid: each image above its generated (gen) and reference (ref) caption."""
-    from PIL import Image, ImageDraw
-    cols = min(4, len(images))
-    rows = math.ceil(len(images) / cols)
-    line_px = 11
-    text_px = text_lines * line_px
-    sheet = Image.new("RGB", (cols * tile_px, rows * (tile_px + text_px)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for k, (img, gen, ref) in enumerate(zip(images, generated, references)):
-        x, y = (k % cols) * tile_px, (k // cols) * (tile_px + text_px)
-        pixels = (img.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
-        sheet.paste(Image.fromarray(pixels).resize((tile_px - 8, tile_px - 8)), (x + 4, y + 4))
-        # the default bitmap font is about 6 px per character; each caption gets half the lines
-        width, half = tile_px // 6 - 1, text_lines // 2
-        lines = ([(line, (0, 0, 160)) for line in textwrap.wrap(f"gen: {gen}", width, max_lines=half, placeholder=" ...")]
-                 + [(line, "black") for line in textwrap.wrap(f"ref: {ref}", width, max_lines=half, placeholder=" ...")])
-        for n, (line, colour) in enumerate(lines):
-            draw.text((x + 4, y + tile_px + n * line_px), line, fill=colour)
-    sheet.save(path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -44,7 +44,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from metrics import as_label_array, mean_std, segmentation_metrics
+from figures import save_overlay
+from metrics import mean_std, segmentation_metrics
 from progress import format_duration
 
 # ----------------------------------------------------------------------------------------------
@@ -398,38 +399,6 @@ def predict(model, images, batch_size, device, cache=None, autocast_dtype=None):
 # ----------------------------------------------------------------------------------------------
 # Outputs: OmniRad Fig. 3 overlays and Tables 9-11 rows
 # ----------------------------------------------------------------------------------------------
-
-OVERLAY_COLORS = {"correct": (0, 200, 0), "over": (40, 90, 255), "missed": (235, 30, 30)}  # green, blue, red
-
-
-def overlay_image(image, pred, target, alpha=0.5):
-    """OmniRad Fig. 3 colours on the gray image: green where the predicted foreground class is
-    right, blue where foreground is predicted wrongly (over-prediction, or the wrong class), red
-    where target foreground was predicted as background (missed). Returns uint8 (H,W,3)."""
-    gray = np.asarray(image, dtype=np.float32)
-    gray = np.clip(gray.mean(0) if gray.ndim == 3 else gray, 0, 1)
-    rgb = np.repeat((gray * 255)[..., None], 3, axis=-1)
-    pred, target = as_label_array(pred), as_label_array(target)
-    regions = {"correct": (pred == target) & (target > 0),
-               "over": (pred > 0) & (pred != target),
-               "missed": (target > 0) & (pred == 0)}
-    for name, where in regions.items():
-        rgb[where] = (1 - alpha) * rgb[where] + alpha * np.array(OVERLAY_COLORS[name], dtype=np.float32)
-    return rgb.round().astype(np.uint8)
-
-
-def save_overlay(image, pred, target, path, min_side_px=256):
-    """[image | overlay] side by side as a PNG, enlarged (nearest) to at least min_side_px."""
-    from PIL import Image
-    gray = np.clip(np.asarray(image, dtype=np.float32).mean(0), 0, 1)
-    left = np.repeat((gray * 255).round().astype(np.uint8)[..., None], 3, axis=-1)
-    scale = max(1, math.ceil(min_side_px / min(gray.shape)))
-    gap = np.full((left.shape[0], max(1, 4 // scale), 3), 255, np.uint8)
-    panel = np.concatenate([left, gap, overlay_image(image, pred, target)], 1)
-    panel = panel.repeat(scale, axis=0).repeat(scale, axis=1)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(panel).save(path)
-
 
 def mean_std_row(name, runs):
     """One row of OmniRad Table 11: "| model | mIoU | Dice | F1 |", each mean ± std over seeds in %

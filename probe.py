@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from figures import save_attention_figure, save_scatter, save_similarity_figure
 from metrics import accuracy, bootstrap_interval, knn_predict, mean_std, probe_metrics
 
 # -----------------------------------------------------------------------------
@@ -401,100 +402,6 @@ def patch_similarity(model, image_a, image_b, query_patches):
 # ----------------------------------------------------------------------------------------------
 # Pictures, drawn with pillow only
 # ----------------------------------------------------------------------------------------------
-
-VIRIDIS = np.array([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)], np.float64)
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-
-
-def colormap(values):
-    """Values in [0, 1] (any shape) -> uint8 RGB (..., 3), piecewise-linear through viridis anchors."""
-    v = np.clip(np.asarray(values, np.float64), 0, 1) * (len(VIRIDIS) - 1)
-    i = np.minimum(v.astype(np.int64), len(VIRIDIS) - 2)
-    t = (v - i)[..., None]
-    return ((1 - t) * VIRIDIS[i] + t * VIRIDIS[i + 1]).round().astype(np.uint8)
-
-
-def min_max(x):
-    x = np.asarray(x, np.float64)
-    return (x - x.min()) / max(x.max() - x.min(), 1e-12)
-
-
-def image_panel(image, panel_px):
-    """A normalised (3, H, W) model input as a pillow RGB picture of panel_px x panel_px."""
-    from data import denormalize
-    from PIL import Image
-    pixels = (denormalize(image.float().cpu()).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(pixels).resize((panel_px, panel_px), Image.BILINEAR)
-
-
-def heat_panel(values, panel_px):
-    """A (h, w) map, min-max scaled, in viridis; nearest upsampling keeps the patch grid visible."""
-    from PIL import Image
-    return Image.fromarray(colormap(min_max(values))).resize((panel_px, panel_px), Image.NEAREST)
-
-
-def save_scatter(points, labels, class_names, path, title, size_px=520):
-    """2-D points as dots coloured by class, with a legend."""
-    from PIL import Image, ImageDraw
-    points, labels = np.asarray(points, np.float64), np.asarray(labels).reshape(-1)
-    margin, legend_px = 24, 150
-    canvas = Image.new("RGB", (size_px + legend_px, size_px), "white")
-    draw = ImageDraw.Draw(canvas)
-    lo, hi = points.min(axis=0), points.max(axis=0)
-    xy = margin + (points - lo) / np.maximum(hi - lo, 1e-12) * (size_px - 2 * margin)
-    for (x, y), label in zip(xy, labels):
-        draw.ellipse([x - 3, size_px - y - 3, x + 3, size_px - y + 3], fill=PALETTE[int(label) % len(PALETTE)])
-    draw.text((margin, 4), title, fill="black")
-    for c, name in enumerate(class_names):
-        y = margin + 18 * c
-        draw.ellipse([size_px + 4, y, size_px + 12, y + 8], fill=PALETTE[c % len(PALETTE)])
-        draw.text((size_px + 18, y - 2), str(name)[:20], fill="black")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-
-
-def save_panel_row(panels, titles, panel_px, path):
-    """Square pillow panels side by side, each under a one-line title."""
-    from PIL import Image, ImageDraw
-    canvas = Image.new("RGB", (panel_px * len(panels), panel_px + 16), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, (panel, title) in enumerate(zip(panels, titles)):
-        canvas.paste(panel, (i * panel_px, 16))
-        draw.text((i * panel_px + 4, 2), title, fill="black")
-    canvas.save(path)
-
-
-def save_attention_figure(image, maps, path, panel_px=160):
-    """The image, then one panel per head of its CLS attention (h, w)."""
-    panels = [image_panel(image, panel_px)] + [heat_panel(m, panel_px) for m in maps]
-    save_panel_row(panels, ["image"] + [f"head {h}" for h in range(len(maps))], panel_px, path)
-
-
-def save_similarity_figure(image_a, image_b, sims, query_patches, patch_size, path, panel_px=160):
-    """RAD-DINO Fig. 3: the query image with its landmark patches circled, then for each landmark the
-    target image overlaid with that landmark's similarity map (bright = similar)."""
-    from PIL import Image, ImageDraw
-    scale = panel_px / image_a.shape[-1]
-    radius = max(4, patch_size * scale / 2)
-
-    def circle(draw, rc, colour):
-        cy, cx = ((rc[0] + 0.5) * patch_size * scale, (rc[1] + 0.5) * patch_size * scale)
-        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], outline=colour, width=2)
-
-    query = image_panel(image_a, panel_px)
-    draw = ImageDraw.Draw(query)
-    for q, rc in enumerate(query_patches):
-        circle(draw, rc, PALETTE[q % len(PALETTE)])
-    panels = [query]
-    target = image_panel(image_b, panel_px)
-    for q, sim in enumerate(sims):
-        panel = Image.blend(target, heat_panel(sim, panel_px), 0.6)
-        best = np.unravel_index(int(np.argmax(sim)), sim.shape)  # the best match, ringed in the query's colour
-        circle(ImageDraw.Draw(panel), best, PALETTE[q % len(PALETTE)])
-        panels.append(panel)
-    save_panel_row(panels, ["query"] + [f"target, landmark {i}" for i in range(1, len(panels))], panel_px, path)
-
 
 # ----------------------------------------------------------------------------------------------
 # The run

@@ -158,17 +158,6 @@ def test_resize_pair_keeps_mask_labels_and_whole_field_of_view():
     assert (resized[:, 0] == 2).all() and (resized[:, -1] == 0).all()
 
 
-def test_overlay_colours_follow_omnirad_figure_3():
-    image = np.full((3, 1, 4), 0.5, dtype=np.float32)
-    target = np.array([[1, 1, 0, 0]])
-    pred = np.array([[1, 0, 1, 0]])
-    rgb = fs.overlay_image(image, pred, target, alpha=1.0)
-    assert tuple(rgb[0, 0]) == fs.OVERLAY_COLORS["correct"]   # green
-    assert tuple(rgb[0, 1]) == fs.OVERLAY_COLORS["missed"]    # red
-    assert tuple(rgb[0, 2]) == fs.OVERLAY_COLORS["over"]      # blue
-    assert tuple(rgb[0, 3]) == (128, 128, 128)                # background left as the image
-
-
 def test_mean_std_row_is_percent_mean_and_population_std_over_seeds():
     runs = [{"mIoU": 0.80, "mDice": 0.90, "mF1": 0.91}, {"mIoU": 0.84, "mDice": 0.92, "mF1": 0.95}]
     assert fs.mean_std_row("omnirad", runs) == "| omnirad | 82.00 ± 2.00 | 91.00 ± 1.00 | 93.00 ± 2.00 |"

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from model import ViT, ViTConfig
 from probe import (block_attention, cached_features, cls_attention_maps, cross_validate_probe, extract_features,
-                   grouped_folds, last_block_input, metadata_targets, patch_similarity, pca, save_scatter,
-                   train_linear_probe, tsne, tsne_affinities, PALETTE)
+                   grouped_folds, last_block_input, metadata_targets, patch_similarity, pca,
+                   train_linear_probe, tsne, tsne_affinities)
 
 
 def separable_set(n, dim, margin, seed):
@@ -211,14 +211,3 @@ def test_feature_cache_is_reused_for_the_same_key(tmp_path):
     fresh, _ = cached_features(tmp_path, "other-key", model, data, batch_size=8)
     assert (tmp_path / "key.safetensors").exists()
     assert torch.equal(first, again) and not torch.allclose(first, fresh)
-
-
-def test_scatter_draws_each_class_in_its_palette_colour(tmp_path):
-    from PIL import Image
-    points = np.array([[0.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
-    save_scatter(points, [0, 1, 2], ["a", "b", "c"], tmp_path / "s.png", "test", size_px=200)
-    pixels = np.asarray(Image.open(tmp_path / "s.png").convert("RGB"))
-    # lower-left point (class 0) sits at (margin, size - margin) in image coordinates
-    assert tuple(pixels[200 - 24, 24]) == PALETTE[0]
-    assert tuple(pixels[24, 200 - 24]) == PALETTE[1]
-    assert tuple(pixels[24, 24]) == PALETTE[2]
