@@ -18,7 +18,7 @@ RENAMED_KEYS = {
     "num_threads": "cpu_threads",
     "log_every": "log_interval",
     "n_phantoms": "phantom_sizes", "n_phantom_train": "phantom_sizes", "n_phantom_val": "phantom_sizes",
-    "n_phantom_test": "phantom_sizes", "phantom_size_px": "phantom_px",
+    "n_phantom_test": "phantom_sizes", "phantom_size_px": "phantom_px", "data": "data_path",
 }
 
 
