@@ -14,6 +14,7 @@ Model selection: the epoch with the best validation macro-F1; its weights are th
 the official test split. The metrics (metrics.py) are hand-written (numpy) and follow the
 scikit-learn definitions that the papers' numbers were computed with.
 """
+import dataclasses
 import json
 import math
 import os
@@ -26,9 +27,60 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
+import model as vit_model
+from config import configure
 from metrics import as_numpy, classification_metrics, mean_std
 from progress import format_duration
 from schedules import lr_at
+
+# ----------------------------------------------------------------------------------------------
+# Config. The defaults are a quick run on the procedural phantoms: random init, a 2-block
+# ViT-tiny/8 at 32 px, about a minute on a CPU. The OmniRad recipe (224 px, 40 epochs, lr 1e-5,
+# 10 warm-up epochs, batch 128) is config/cls_omnirad.py; the MedMNIST runs of RESULTS.md
+# (Classification) use config/cls_medmnist64.py.
+# ----------------------------------------------------------------------------------------------
+# data
+dataset = "phantom"              # "phantom" (data.PhantomDataset, no files), "medmnist" or "csv"
+data_path = ""                   # medmnist: official .npz (or a name in ~/.medmnist); csv: index with a split column
+csv_label = "covid_vs_other"     # csv: a label column, or "covid_vs_other" (COVID-19 vs other findings)
+phantom_sizes = (512, 64, 128)   # phantom images per split (train, val, test)
+phantom_px = 64                  # phantoms are drawn at this size, then resized to img_size
+img_size = 32                    # network input px (OmniRad: 224; MedMNIST 28 px images are upsampled)
+crop_scale_min = 0.8             # random resized crop keeps 80-100% of the area: phantom lesions are small
+hflip_p = 0.5                    # horizontal flip probability
+rotation_deg = 10.0              # random rotation within +-rotation_deg
+# model
+init_from = ""                   # backbone file for model.load_backbone (nanorad/DINOv2/HF/timm); "" = random init
+model_size = "tiny"              # random init only: tiny small base large giant
+patch_size = 8                   # random init only
+depth = 2                        # random init only: number of blocks (0 = the size's own, 12 for tiny)
+layerscale_init = None           # random init only: LayerScale start (DINOv2: 1e-5; None = no LayerScale)
+drop_path_rate = 0.0             # stochastic depth of the backbone
+mode = "full"                    # "full", "head" (frozen backbone) or "lora"
+head = "linear"                  # "linear" or "mlp"
+head_features = "cls+mean"       # "cls" (OmniRad, config/cls_*.py) or "cls+mean" (learns faster in a 2-block ViT)
+lora_rank = 8                    # OmniRad Table 8: r=8, alpha=16 and r=16, alpha=32
+lora_alpha = 16.0                # LoRA update scale is lora_alpha / lora_rank
+# optimisation (OmniRad §3.2: AdamW, wd 0.01, linear warm-up then cosine, grad clip 1.0, CE)
+epochs = 12                      # passes over the training split
+batch_size = 64                  # training batch; evaluation uses twice this
+lr = 1e-3                        # OmniRad fine-tunes pretrained weights at 1e-5; random init needs more
+min_lr = 0.0                     # end of the cosine
+weight_decay = 0.01              # AdamW, on weight matrices only
+warmup_epochs = 1.0              # linear warm-up length, may be fractional
+grad_clip = 1.0                  # max gradient norm (0 = no clipping)
+class_weighted = False           # inverse-frequency CE weights (BCE pos_weight for multi-label)
+seeds = (0,)                     # --seeds=0,1,2 runs repeats and prints mean ± std
+# system
+device = "cuda" if torch.cuda.is_available() else "cpu"  # "cpu", "cuda" or "cuda:N"
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast: "bfloat16" or "float32" (off)
+cpu_threads = 1                  # torch threads on a CPU (0 = torch's default); more threads than free cores stall
+num_workers = 1                  # DataLoader worker processes (each augments single-threaded)
+# output
+log_interval = 10                # steps between progress lines
+export = True                    # save the selected model: backbone (LoRA merged) + head, per seed
+out_dir = "out/finetune_cls"    # results.json, and the exported model per seed
 
 # ----------------------------------------------------------------------------------------------
 # LoRA (Hu et al. 2021) on the attention and MLP linears of every block
@@ -100,20 +152,16 @@ HEAD_FEATURES = ("cls", "cls+mean")
 
 
 class Classifier(nn.Module):
-    """A ViT and a head on its normalised CLS token, or on CLS concatenated with the mean patch
-    token (DINOv2's linear-evaluation feature). The head is linear, or a 2-layer GELU MLP."""
+    """A ViT and a head on its normalised CLS token ("cls"), or on CLS concatenated with the mean
+    patch token ("cls+mean", DINOv2's linear-evaluation feature). The head is "linear", or "mlp": a
+    2-layer GELU MLP."""
 
     def __init__(self, backbone, n_outputs, head="linear", head_features="cls", mlp_hidden_dim=512):
         super().__init__()
-        if head not in HEADS or head_features not in HEAD_FEATURES:
-            raise ValueError(f"Classifier: head must be one of {HEADS} and head_features one of "
-                             f"{HEAD_FEATURES}, got {head!r} and {head_features!r}")
         self.backbone, self.head_features = backbone, head_features
         in_dim = backbone.embed_dim * (2 if head_features == "cls+mean" else 1)
-        if head == "linear":
-            self.head = nn.Linear(in_dim, n_outputs)
-        else:
-            self.head = nn.Sequential(nn.Linear(in_dim, mlp_hidden_dim), nn.GELU(), nn.Linear(mlp_hidden_dim, n_outputs))
+        self.head = (nn.Linear(in_dim, n_outputs) if head == "linear" else
+                     nn.Sequential(nn.Linear(in_dim, mlp_hidden_dim), nn.GELU(), nn.Linear(mlp_hidden_dim, n_outputs)))
         for m in self.head.modules():
             if isinstance(m, nn.Linear):  # DINOv2's linear-eval init: small weights, zero bias
                 nn.init.normal_(m.weight, std=0.01)
@@ -150,7 +198,7 @@ def set_train_mode(model, mode):
 
 
 # ----------------------------------------------------------------------------------------------
-# Optimisation
+# Optimisation and evaluation
 # ----------------------------------------------------------------------------------------------
 
 
@@ -197,8 +245,8 @@ def train_step(model, optimizer, images, labels, multi_label, weights=None, grad
 
 
 @torch.no_grad()
-def predict(model, loader, multi_label, device, autocast_dtype=None):
-    """(labels, probabilities) over a loader, as numpy: softmax, or sigmoid per label."""
+def evaluate(model, loader, multi_label, device, autocast_dtype=None):
+    """classification_metrics over a loader, of the probabilities: softmax, or sigmoid per label."""
     was_training = model.training
     model.eval()
     all_labels, all_probs = [], []
@@ -208,49 +256,48 @@ def predict(model, loader, multi_label, device, autocast_dtype=None):
         all_probs.append((logits.sigmoid() if multi_label else logits.softmax(-1)).cpu())
         all_labels.append(labels)
     model.train(was_training)
-    return torch.cat(all_labels).numpy(), torch.cat(all_probs).numpy()
+    return classification_metrics(torch.cat(all_labels).numpy(), torch.cat(all_probs).numpy(), multi_label)
+
+
+def format_row(runs):
+    """OmniRad table row: "ACC mean ± std | F1 mean ± std | AUC mean ± std" in %, std over seeds
+    (population std, numpy's default)."""
+    stats = {key: mean_std([100 * r[key] for r in runs]) for key in ("acc", "f1", "auc")}
+    return " | ".join(f"{key.upper()} {m['mean']:.2f} ± {m['std']:.2f}" for key, m in stats.items())
 
 
 # ----------------------------------------------------------------------------------------------
-# Data: every source gives (train, val, test) datasets of {"image": normalised (3,S,S), "label"}
+# Data: every source gives {"train", "val", "test"} datasets of {"image": normalised (3,S,S), "label"}
 # ----------------------------------------------------------------------------------------------
 
 DATASETS = ("phantom", "medmnist", "csv")
 
 
-def load_splits(dataset, data_path, img_size, train_transform, eval_transform, csv_label="covid_vs_other",
-                n_phantom=(512, 128, 256), phantom_px=64):
-    """{"train", "val", "test"} datasets, and the task: (n_classes, multi_label, class names).
-    phantom: data.PhantomDataset (4 classes); medmnist: an official .npz (path, or a name looked up
-    in ~/.medmnist) with its official splits; csv: an index with image and split columns, labelled by
-    a column name or "covid_vs_other" (data.covid_vs_other)."""
-    import data
+def load_splits(dataset, data_path, transforms, csv_label, phantom_sizes, phantom_px):
+    """{"train", "val", "test"} datasets (each with transforms[split]), and the task: (n_classes,
+    multi_label, class names). phantom: data.PhantomDataset (4 classes); medmnist: an official .npz
+    (path, or a name looked up in ~/.medmnist) with its official splits; csv: an index with image and
+    split columns, labelled by a column name or "covid_vs_other" (data.covid_vs_other)."""
     if dataset == "phantom":
-        splits = {split: data.PhantomDataset(n, img_size=phantom_px, split=split,
-                                             transform=train_transform if split == "train" else eval_transform)
-                  for split, n in zip(("train", "val", "test"), n_phantom)}
+        splits = {split: data.PhantomDataset(n, img_size=phantom_px, split=split, transform=transforms[split])
+                  for split, n in zip(data.SPLITS, phantom_sizes)}
         return splits, (len(data.PHANTOM_CLASSES), False, list(data.PHANTOM_CLASSES))
     if dataset == "medmnist":
-        arrays = {split: data.load_medmnist(data_path, split) for split in ("train", "val", "test")}
-        splits = {split: data.ArrayImageDataset(images, labels, train_transform if split == "train" else eval_transform)
+        arrays = {split: data.load_medmnist(data_path, split) for split in data.SPLITS}
+        splits = {split: data.ArrayImageDataset(images, labels, transforms[split])
                   for split, (images, labels) in arrays.items()}
-        name = Path(str(data_path)).stem.split("_")[0]
-        labels = arrays["train"][1]
-        if name in data.MEDMNIST:
-            info = data.MEDMNIST[name]
+        info = data.MEDMNIST.get(Path(str(data_path)).stem.split("_")[0])
+        if info is not None:
             return splits, (info.n_classes, info.multi_label, list(info.labels))
-        multi_label = labels.ndim == 2
-        n_classes = labels.shape[1] if multi_label else int(max(a[1].max() for a in arrays.values())) + 1
+        multi_label = arrays["train"][1].ndim == 2  # an unofficial file: the task from its labels
+        n_classes = arrays["train"][1].shape[1] if multi_label else int(max(a[1].max() for a in arrays.values())) + 1
         return splits, (n_classes, multi_label, [str(c) for c in range(n_classes)])
     if dataset == "csv":
-        if csv_label == "covid_vs_other":
-            kwargs, classes = dict(label_fn=data.covid_vs_other), ["other", "COVID-19"]
-        else:
-            kwargs, classes = dict(label_column=csv_label), None
-        splits = {split: data.ImageFolderDataset(data_path, split=split,
-                                                 transform=train_transform if split == "train" else eval_transform,
-                                                 **kwargs) for split in ("train", "val", "test")}
-        classes = classes or splits["train"].classes
+        covid = csv_label == "covid_vs_other"
+        labelling = dict(label_fn=data.covid_vs_other) if covid else dict(label_column=csv_label)
+        splits = {split: data.ImageFolderDataset(data_path, split=split, transform=transforms[split], **labelling)
+                  for split in data.SPLITS}
+        classes = ["other", "COVID-19"] if covid else splits["train"].classes
         return splits, (len(classes), False, classes)
     raise ValueError(f"dataset {dataset!r}: expected one of {DATASETS}")
 
@@ -269,83 +316,17 @@ def dataset_labels(ds):
     return np.array([np.asarray(ds[i]["label"]) for i in range(len(ds))])
 
 
-def format_row(runs):
-    """OmniRad table row: "ACC mean ± std | F1 mean ± std | AUC mean ± std" in %, std over seeds
-    (population std, numpy's default)."""
-    cells = []
-    for key in ("acc", "f1", "auc"):
-        m = mean_std([100 * r[key] for r in runs])
-        cells.append(f"{key.upper()} {m['mean']:.2f} ± {m['std']:.2f}")
-    return " | ".join(cells)
-
-
-# ----------------------------------------------------------------------------------------------
-# Config. The defaults are a quick run on the procedural phantoms: random init, a 2-block
-# ViT-tiny/8 at 32 px, about a minute on a CPU. The OmniRad recipe (224 px, 40 epochs, lr 1e-5,
-# 10 warm-up epochs, batch 128) is config/cls_omnirad.py; the MedMNIST evidence runs use
-# config/cls_medmnist64.py.
-# ----------------------------------------------------------------------------------------------
-# data
-dataset = "phantom"              # "phantom" (data.PhantomDataset, no files), "medmnist" or "csv"
-data_path = ""                   # medmnist: official .npz path (or name in ~/.medmnist); csv: index with a split column
-csv_label = "covid_vs_other"     # csv: a label column, or "covid_vs_other" (COVID-19 vs other findings)
-phantom_sizes = (512, 64, 128)   # phantom images per split (train, val, test)
-phantom_px = 64                  # phantoms are drawn at this size, then resized to img_size
-img_size = 32                    # network input px (OmniRad: 224; MedMNIST 28 px images are upsampled)
-crop_scale_min = 0.8             # random resized crop keeps 80-100% of the area (small phantom lesions; OmniRad-style 0.5 in config/cls_*.py)
-hflip_p = 0.5
-rotation_deg = 10.0
-# model
-init_from = ""                   # backbone file for model.load_backbone (nanorad/DINOv2/HF/timm); "" = random init
-model_size = "tiny"              # random init only: tiny small base large giant
-patch_size = 8                   # random init only
-depth = 2                        # random init only: number of blocks (0 = the size's own, 12 for tiny)
-layerscale_init = None           # random init only: LayerScale start (DINOv2: 1e-5; None = no LayerScale)
-drop_path_rate = 0.0
-mode = "full"                    # "full", "head" (frozen backbone) or "lora"
-head = "linear"                  # "linear" or "mlp"
-head_features = "cls+mean"       # "cls" (OmniRad, config/cls_*.py) or "cls+mean" (learns faster in a 2-block ViT)
-lora_rank = 8                    # OmniRad Table 8: r=8, alpha=16 and r=16, alpha=32
-lora_alpha = 16.0
-# optimisation (OmniRad §3.2: AdamW, wd 0.01, linear warm-up then cosine, grad clip 1.0, CE)
-epochs = 12
-batch_size = 64
-lr = 1e-3                        # OmniRad fine-tunes pretrained weights at 1e-5; random init needs more
-min_lr = 0.0
-weight_decay = 0.01
-warmup_epochs = 1.0
-grad_clip = 1.0
-class_weighted = False           # inverse-frequency CE weights (BCE pos_weight for multi-label)
-seeds = (0,)                     # --seeds=0,1,2 runs repeats and prints mean ± std
-# system
-device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast: "bfloat16", "float16" (CUDA) or "float32" (off)
-cpu_threads = 1                  # torch threads on CPU (0 = torch default); 1 avoids OpenMP slowdowns on a shared CPU
-num_workers = 1                  # DataLoader worker processes (each augments single-threaded)
-log_interval = 10                # steps between progress lines
-export = True                    # save the selected model: backbone (LoRA merged) + head, per seed
-out_dir = "out/finetune_cls"
-
 if __name__ == "__main__":
-    from config import configure
     config = configure(globals())
     sys.stdout.reconfigure(line_buffering=True)  # progress lines show up at once in a log file
-    import data
-    import model as vit_model
 
-    # ---- checks, before anything slow
-    if mode not in MODES:
-        raise ValueError(f"--mode={mode!r}: expected one of {MODES}")
-    if head not in HEADS or head_features not in HEAD_FEATURES:
-        raise ValueError(f"--head={head!r} / --head_features={head_features!r}: expected {HEADS} / {HEAD_FEATURES}")
-    if dataset not in DATASETS:
-        raise ValueError(f"--dataset={dataset!r}: expected one of {DATASETS}")
+    # ---- checks: a bad setting stops here, naming its key, before any data is read or training starts
+    for key, choices in (("mode", MODES), ("head", HEADS), ("head_features", HEAD_FEATURES),
+                         ("dataset", DATASETS), ("dtype", ("bfloat16", "float32"))):
+        if config[key] not in choices:
+            raise ValueError(f"--{key}={config[key]!r}: expected one of {choices}")
     if dataset != "phantom" and not data_path:
         raise ValueError(f"--dataset={dataset} needs --data_path (an official MedMNIST .npz, or a CSV index)")
-    if dataset == "csv" and not Path(data_path).is_file():
-        raise FileNotFoundError(f"--data_path={data_path}: CSV index not found")
-    if init_from and not Path(init_from).exists():
-        raise FileNotFoundError(f"--init_from={init_from}: backbone file not found")
     if mode == "lora" and (lora_rank < 1 or lora_alpha <= 0):
         raise ValueError(f"LoRA needs --lora_rank >= 1 and --lora_alpha > 0, got {lora_rank} and {lora_alpha}")
     if epochs < 1 or batch_size < 1 or not 0 <= warmup_epochs <= epochs:
@@ -353,38 +334,35 @@ if __name__ == "__main__":
                          f"{epochs}, {batch_size}, {warmup_epochs}")
     if not seeds or not all(isinstance(s, int) for s in seeds):
         raise ValueError(f"--seeds={seeds!r}: expected integers, e.g. --seeds=0,1,2")
-    if dtype not in ("bfloat16", "float16", "float32") or (dtype == "float16" and not device.startswith("cuda")):
-        raise ValueError(f"--dtype={dtype!r}: expected bfloat16, float32, or float16 on CUDA")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"--device={device} but torch sees no CUDA device")
+    if init_from:  # the checkpoint fixes the architecture: read it once here, to check the patch size
+        vit_config = vit_model.load_backbone(init_from, verbose=False).config
+    else:
+        vit_config = vit_model.vit_config(model_size, patch_size=patch_size, img_size=img_size,
+                                          layerscale_init=layerscale_init, **({"depth": depth} if depth else {}))
+    if img_size % vit_config.patch_size:
+        raise ValueError(f"--img_size={img_size}: expected a multiple of the backbone's patch size "
+                         f"{vit_config.patch_size}")
+
+    # ---- system
     dev = torch.device(device)
     if dev.type == "cpu" and cpu_threads:
         torch.set_num_threads(cpu_threads)
-    autocast_dtype = None if dtype == "float32" else getattr(torch, dtype)
-    if init_from:
-        # the checkpoint fixes the architecture; read it once to check the patch size before training
-        vit_config = vit_model.load_backbone(init_from, verbose=False).config
-    else:
-        overrides = dict(patch_size=patch_size, img_size=img_size, layerscale_init=layerscale_init)
-        overrides |= {"depth": depth} if depth else {}
-        vit_config = vit_model.vit_config(model_size, **overrides)
-    if img_size % vit_config.patch_size:
-        raise ValueError(f"--img_size={img_size} is not a multiple of the backbone's patch size {vit_config.patch_size}")
+    autocast_dtype = None if dtype == "float32" else getattr(torch, dtype)  # None: no autocast
 
     # ---- data
     train_tf = data.ClassificationTransform(img_size, train=True, scale=(crop_scale_min, 1.0),
                                             hflip_p=hflip_p, rotation_deg=rotation_deg)
     eval_tf = data.ClassificationTransform(img_size, train=False)
     splits, (n_classes, multi_label, class_names) = load_splits(
-        dataset, data_path, img_size, train_tf, eval_tf, csv_label,
-        phantom_sizes, phantom_px)
+        dataset, data_path, {"train": train_tf, "val": eval_tf, "test": eval_tf}, csv_label, phantom_sizes, phantom_px)
     task = "multi-label" if multi_label else f"{n_classes}-class"
     print(f"data: {dataset} {data_path} ({task}: {', '.join(class_names)}), "
           f"train/val/test {len(splits['train'])}/{len(splits['val'])}/{len(splits['test'])}, {img_size} px")
     weights = class_weights(dataset_labels(splits["train"]), n_classes, multi_label).to(dev) if class_weighted else None
-    eval_loaders = {split: torch.utils.data.DataLoader(splits[split], batch_size=2 * batch_size, shuffle=False,
-                                                       num_workers=num_workers, collate_fn=collate,
-                                                       persistent_workers=num_workers > 0)
+    loader_kwargs = dict(num_workers=num_workers, collate_fn=collate, persistent_workers=num_workers > 0)
+    eval_loaders = {split: torch.utils.data.DataLoader(splits[split], batch_size=2 * batch_size, **loader_kwargs)
                     for split in ("val", "test")}
     steps_per_epoch = math.ceil(len(splits["train"]) / batch_size)
     total_steps, warmup_steps = epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
@@ -392,60 +370,58 @@ if __name__ == "__main__":
 
     runs = []
     t_start = time.time()
-    for seed in seeds:
-        # ---- model
+    for seed_index, seed in enumerate(seeds):
+        # ---- model: the backbone and head, and what trains in this mode
         torch.manual_seed(seed)
         np.random.seed(seed)
         if init_from:
             backbone = vit_model.load_backbone(init_from, drop_path_rate=drop_path_rate)
         else:
-            backbone = vit_model.ViT(vit_model.ViTConfig(**{**vit_config.__dict__, "drop_path_rate": drop_path_rate}))
+            backbone = vit_model.ViT(dataclasses.replace(vit_config, drop_path_rate=drop_path_rate))
             print(f"backbone: RANDOM INIT (no --init_from): ViT-{model_size}/{vit_config.patch_size}, "
                   f"depth {vit_config.depth}, {img_size} px")
         model = Classifier(backbone, n_classes, head, head_features)
         params = setup_mode(model, mode, lora_rank, lora_alpha)
         model.to(dev)
         optimizer = make_optimizer(params, lr, weight_decay)
-        n_train = sum(p.numel() for p in params)
-        print(f"seed {seed}: mode {mode}" + (f" (LoRA r={lora_rank}, alpha={lora_alpha})" if mode == "lora" else "")
-              + f", {n_train:,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters")
+        lora_note = f" (LoRA r={lora_rank}, alpha={lora_alpha})" if mode == "lora" else ""
+        print(f"seed {seed}: mode {mode}{lora_note}, {sum(p.numel() for p in params):,} trainable of "
+              f"{sum(p.numel() for p in model.parameters()):,} parameters")
 
-        # ---- training, selecting the epoch with the best val macro-F1
-        train_loader = torch.utils.data.DataLoader(
-            splits["train"], batch_size=batch_size, shuffle=True, drop_last=False, num_workers=num_workers,
-            collate_fn=collate, generator=torch.Generator().manual_seed(seed), persistent_workers=num_workers > 0)
-        best = {"f1": -1.0}
-        step, t_seed, seen = 0, time.time(), 0
-        for epoch in range(epochs):
+        # ---- training; the epoch with the best val macro-F1 is kept
+        train_loader = torch.utils.data.DataLoader(splits["train"], batch_size=batch_size, shuffle=True,
+                                                   generator=torch.Generator().manual_seed(seed), **loader_kwargs)
+        best = {"val": {"f1": -1.0}}
+        step, seen, t_seed = 0, 0, time.time()
+        for epoch in range(1, epochs + 1):
             set_train_mode(model, mode)
-            t_log = time.time()
             for images, labels in train_loader:
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, total_steps, warmup_steps, lr, min_lr)
                 loss = train_step(model, optimizer, images.to(dev, non_blocking=True), labels.to(dev), multi_label,
                                   weights, grad_clip, autocast_dtype)
-                step += 1
-                seen += len(images)
+                step, seen = step + 1, seen + len(images)
                 if step % log_interval == 0 or step == total_steps:
                     elapsed = time.time() - t_seed
-                    eta = elapsed / step * (total_steps - step) + (len(seeds) - 1 - seeds.index(seed)) * elapsed / step * total_steps
-                    print(f"seed {seed} | epoch {epoch + 1}/{epochs} | step {step}/{total_steps} | loss {loss:.4f} | "
-                          f"lr {optimizer.param_groups[0]['lr']:.2e} | {seen / elapsed:.0f} img/s | ETA {format_duration(eta)}")
-            val = classification_metrics(*predict(model, eval_loaders["val"], multi_label, dev, autocast_dtype), multi_label)
-            improved = val["f1"] > best["f1"]
-            print(f"seed {seed} | epoch {epoch + 1}/{epochs} | val acc {100 * val['acc']:.2f} f1 {100 * val['f1']:.2f} "
+                    eta = elapsed / step * (total_steps - step + (len(seeds) - 1 - seed_index) * total_steps)
+                    print(f"seed {seed} | epoch {epoch}/{epochs} | step {step}/{total_steps} | loss {loss:.4f} | "
+                          f"lr {optimizer.param_groups[0]['lr']:.2e} | {seen / elapsed:.0f} img/s | "
+                          f"ETA {format_duration(eta)}")
+            val = evaluate(model, eval_loaders["val"], multi_label, dev, autocast_dtype)
+            improved = val["f1"] > best["val"]["f1"]
+            print(f"seed {seed} | epoch {epoch}/{epochs} | val acc {100 * val['acc']:.2f} f1 {100 * val['f1']:.2f} "
                   f"auc {100 * val['auc']:.2f}" + (" (best)" if improved else ""))
             if improved:
-                best = {**val, "epoch": epoch + 1,
+                best = {"val": val, "epoch": epoch,
                         "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
 
-        # ---- test on the official test split, with the weights of the selected epoch
-        model.load_state_dict(best.pop("state"))
-        test = classification_metrics(*predict(model, eval_loaders["test"], multi_label, dev, autocast_dtype), multi_label)
+        # ---- test: the official test split, once, with the weights of the selected epoch
+        model.load_state_dict(best["state"])
+        test = evaluate(model, eval_loaders["test"], multi_label, dev, autocast_dtype)
         print(f"seed {seed} | test (epoch {best['epoch']} by val F1) | acc {100 * test['acc']:.2f} "
               f"f1 {100 * test['f1']:.2f} auc {100 * test['auc']:.2f} | {format_duration(time.time() - t_seed)}")
-        run = {"seed": seed, "selected_epoch": best["epoch"], "val": {k: v for k, v in best.items() if k != "epoch"},
-               "test": test, "train_seconds": time.time() - t_seed}
+        run = {"seed": seed, "selected_epoch": best["epoch"], "val": best["val"], "test": test,
+               "train_seconds": time.time() - t_seed}
         runs.append(run)
         if export:
             seed_dir = Path(out_dir) / f"seed{seed}"
@@ -453,13 +429,14 @@ if __name__ == "__main__":
                 vit_model.save_backbone(merge_lora(model.backbone) if mode == "lora" else model.backbone,
                                         seed_dir / "backbone.safetensors")
             vit_model.save_safetensors_atomic(
-                {k: v.contiguous() for k, v in model.head.state_dict().items()}, seed_dir / "head.safetensors",
+                model.head.state_dict(), seed_dir / "head.safetensors",
                 {"head": head, "head_features": head_features, "classes": json.dumps(class_names)})
             vit_model.save_json_atomic(run, seed_dir / "metrics.json")
 
-    # ---- results
+    # ---- results: the table row over seeds, and results.json
     row = format_row([r["test"] for r in runs])
-    name = f"{Path(data_path).stem if data_path else dataset} {mode}" + (f" r={lora_rank} a={lora_alpha:g}" if mode == "lora" else "")
+    name = f"{Path(data_path).stem if data_path else dataset} {mode}"
+    name += f" r={lora_rank} a={lora_alpha:g}" if mode == "lora" else ""
     print(f"{name} | init {init_from or 'random'} | {len(runs)} seed(s) | test {row}")
     results = {"config": config, "task": task, "classes": class_names, "runs": runs, "row": row,
                "summary": {k: {"mean": float(np.mean([r["test"][k] for r in runs])),
