@@ -13,7 +13,6 @@ from metrics import segmentation_metrics
 from model import ViT, ViTConfig
 
 
-
 def tiny_vit(patch_size=14, depth=4, seed=0):
     torch.manual_seed(seed)
     return ViT(ViTConfig(img_size=4 * patch_size, patch_size=patch_size, embed_dim=32, depth=depth, num_heads=2))
@@ -22,8 +21,8 @@ def tiny_vit(patch_size=14, depth=4, seed=0):
 def tiny_segmenter(head, patch_size=14, n_classes=3, seed=0):
     vit = tiny_vit(patch_size, seed=seed)
     layers = fs.head_layers(head, vit.config.depth, linear_n_last=2 if head == "linear" else 1)
-    seg_head = fs.build_head(head, vit.embed_dim, n_classes, omnirad_width=16, linear_n_last=len(layers) if head == "linear" else 1,
-                             upernet_channels=16)
+    seg_head = fs.build_head(head, vit.embed_dim, n_classes, omnirad_width=16,
+                             linear_n_last=len(layers) if head == "linear" else 1, upernet_channels=16)
     return fs.FrozenBackboneSegmenter(vit, seg_head, layers)
 
 
@@ -39,9 +38,9 @@ def test_soft_dice_loss_equals_one_minus_hard_dice_for_confident_logits():
 
 # ---------------------------------------------------------------------------------------------- heads
 
-def test_evenly_spaced_layers_reproduce_omnirad_blocks_and_fit_shallow_vits():
-    assert fs.evenly_spaced_layers(12, 3) == (3, 7, 11)
-    assert fs.evenly_spaced_layers(6, 3) == (1, 3, 5)
+def test_head_layers_reproduce_omnirad_blocks_and_fit_shallow_vits():
+    assert fs.head_layers("omnirad", 12) == (3, 7, 11)
+    assert fs.head_layers("omnirad", 6) == (1, 3, 5)
     assert fs.head_layers("linear", 12, linear_n_last=4) == (8, 9, 10, 11)
     assert fs.head_layers("omnirad", 12, layers=(11, 3, 7)) == (3, 7, 11)
     with pytest.raises(ValueError, match="needs 4"):
@@ -109,10 +108,11 @@ def test_bfloat16_autocast_path_trains_on_cached_features_and_predicts(head):
 
 def test_short_run_on_phantoms_beats_all_background_dice():
     torch.manual_seed(0)
-    datasets, names = fs.load_splits("", n_phantom=(64, 0, 16), phantom_px=48)
+    datasets, names = fs.load_splits("", phantom_sizes=(64, 0, 16), phantom_px=48)
     train_x, train_y = fs.stack_split(datasets["train"], 48)
     test_x, test_y = fs.stack_split(datasets["test"], 48)
-    model = fs.FrozenBackboneSegmenter(tiny_vit(8), fs.build_head("omnirad", 32, len(names), omnirad_width=32), (1, 2, 3))
+    seg_head = fs.build_head("omnirad", 32, len(names), omnirad_width=32)
+    model = fs.FrozenBackboneSegmenter(tiny_vit(8), seg_head, (1, 2, 3))
     cache = fs.cache_features(model, train_x, 32, torch.device("cpu"))
     optimizer = torch.optim.AdamW(model.head.parameters(), lr=3e-3, weight_decay=1e-4)
     generator = torch.Generator().manual_seed(0)
@@ -146,13 +146,14 @@ def test_npz_loader_reads_medsegbench_layout(tmp_path):
 def test_npz_loader_names_the_missing_array(tmp_path):
     np.savez(tmp_path / "bad.npz", train_images=np.zeros((1, 4, 4), np.uint8))
     with pytest.raises(KeyError, match="train_label"):
-        fs.NpzSegmentationDataset(tmp_path / "bad.npz", "train")
+        fs.npz_split(tmp_path / "bad.npz", "train")
 
 
-def test_resize_pair_keeps_mask_labels_and_whole_field_of_view():
+def test_stack_split_keeps_mask_labels_and_whole_field_of_view():
     mask = torch.zeros(30, 60, dtype=torch.int64)
     mask[:, :10] = 2                                     # a band at the far left must survive (no crop)
-    image, resized = fs.resize_pair({"image": torch.rand(3, 30, 60), "mask": mask}, 24)
+    images, masks = fs.stack_split([{"image": torch.rand(3, 30, 60), "mask": mask}], 24)
+    image, resized = images[0], masks[0]
     assert image.shape == (3, 24, 24) and resized.shape == (24, 24)
     assert set(resized.unique().tolist()) == {0, 2}
     assert (resized[:, 0] == 2).all() and (resized[:, -1] == 0).all()
@@ -176,7 +177,8 @@ def test_covid_lung_csv_loads_binary_masks_with_patient_splits(data_dir):
     assert set(item["mask"].unique().tolist()) == {0, 1}
 
 
-@pytest.mark.parametrize("extra", [["--head=linear", "--seeds=0,1"], ["--head=omnirad", "--augment=True", "--hflip=True"]],
+@pytest.mark.parametrize("extra", [["--head=linear", "--seeds=0,1"],
+                                   ["--head=omnirad", "--augment=True", "--hflip=True"]],
                          ids=["cached-features", "augmented"])
 def test_script_runs_end_to_end_and_writes_json_table_and_overlays(tmp_path, extra):
     cmd = ["--epochs=2", "--batch_size=8", "--phantom_sizes=(16,8,4)",
