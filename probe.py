@@ -1,10 +1,6 @@
-"""Frozen-feature evaluation of a ViT backbone (RAD-DINO §4.1, §4.4; OmniRad §5.2).
-
-Features are extracted once and cached; then a linear probe (L2 logistic regression, grid-searched on
-val), a k-NN classifier (DINO's cosine, temperature-weighted votes), a metadata probe (5-fold CV
-grouped by patient) and pictures: PCA / t-SNE maps of the latent space, the last layer's CLS
-attention per head, and patch-to-patch similarity between two images (RAD-DINO Fig. 3). Every test
-AUROC / AUPRC comes with a 95% bootstrap interval over the test images.
+"""Frozen-feature evaluation of a ViT backbone (RAD-DINO §4.1, §4.4; OmniRad §5.2): a linear probe (L2 logistic
+regression), DINO's k-NN and a metadata probe (CV grouped by patient), with 95% bootstrap intervals on the test AUROC /
+AUPRC; pictures: PCA / t-SNE maps, the last layer's CLS attention per head, patch similarity (RAD-DINO Fig. 3).
 
     python probe.py                                    # phantoms, random init, < 3 min on a CPU
     python probe.py config/probe_pneumoniamnist.py --init_from=out/pretrain/teacher_backbone.safetensors
@@ -12,8 +8,7 @@ AUROC / AUPRC comes with a 95% bootstrap interval over the test images.
     python probe.py config/probe_covid_cxr.py          # COVID-19 vs other + sex / age metadata probe
     python probe.py --dataset=csv --data_path=my/index.csv --label_column=finding --metadata_columns=()
 
-Features are cached in out_dir/features/<backbone>_<dataset>_<split>_<kind>.safetensors; the backbone
-key includes the checkpoint's size and mtime, so a retrained checkpoint is re-extracted.
+Features are cached in out_dir/features/, keyed by backbone (a checkpoint's size and mtime), data, split, kind.
 """
 import contextlib
 import hashlib
@@ -26,106 +21,91 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
+import data
+from config import configure
 from figures import save_attention_figure, save_scatter, save_similarity_figure
 from metrics import accuracy, bootstrap_interval, knn_predict, mean_std, probe_metrics
+from model import ViT, load_backbone, save_json_atomic, save_safetensors_atomic, vit_config
 
 # -----------------------------------------------------------------------------
-# default config: the procedural phantoms and a random-init ViT-tiny/8 at 64 px, on CPU in < 3 min
-L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # linear-probe L2 strengths, on standardised features
-out_dir = "out/probe"
+# config: overridden by config/*.py files and --key=value; the defaults probe a random ViT-tiny/8 on phantoms
+# data
 dataset = "phantom"           # "phantom" | "medmnist" | "csv"
 data_path = ""                # medmnist: an official .npz; csv: an index with image, split (+ label) columns
 label_column = ""             # csv: the column holding class names ...
 label_fn = "covid_vs_other"   # ... or the name of a label function in data.py (when label_column is "")
 phantom_sizes = (600, 200, 200)  # phantom images per split (train, val, test)
+img_size = 64                 # images are resized to this (centre square crop first)
+metadata_columns = ("sex", "age")   # csv only: tabular columns probed with grouped CV (RAD-DINO Table 7)
+group_column = "patientid"    # metadata probe: all images of one patient stay in one fold
+numeric_bin_edges = (20.0, 40.0, 60.0, 80.0)  # numeric metadata columns (age, years) are binned here
+# model
 init_from = ""                # any backbone model.load_backbone reads; "" = RANDOM INIT (a baseline)
 model_size = "tiny"           # random init only: ViT size, patch and the size of its position grid
 patch_size = 8
 depth = 0                     # random init only: number of blocks (0 = the size's own)
-layerscale_init = 0.1         # random init only: LayerScale start. 0.1 is pretrain.py's default, so the random
-                              # baseline is the very network pretraining starts from (DINOv2's 1e-5 makes the
-                              # blocks near-identities: a random projection of the pixels, a different baseline)
-img_size = 64                 # images are resized to this (centre square crop first)
+layerscale_init = 0.1         # random init only: pretrain.py's default, so the baseline is pretraining's start
 feature_kind = "cls+mean"     # "cls" | "mean" | "cls+mean" (DINOv2 linear eval)
 layers = ()                   # block indices to concatenate; () = the last block
-batch_size = 64
+# optimisation: the probes
+L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # also the functions' default
+l2_grid = L2_GRID             # linear-probe L2 strengths (on standardised features); the lowest val NLL wins
 knn_k = 20                    # DINO eval_knn defaults
 knn_temperature = 0.07
-l2_grid = L2_GRID
+n_folds = 5                   # metadata probe: cross-validation folds
+bootstrap = 1000              # test-set resamples for the 95% intervals of AUROC / AUPRC (0 = none)
+tsne_max_points = 600         # the PCA / t-SNE maps show the first test images, at most this many
+# system / output
 seeds = (0,)                  # random-init backbone seeds, and the CV fold shuffles
-metadata_columns = ("sex", "age")   # csv only: tabular columns probed with grouped CV (RAD-DINO Table 7)
-group_column = "patientid"
-n_folds = 5
-numeric_bin_edges = (20.0, 40.0, 60.0, 80.0)  # numeric columns (age, years) are binned here
-tsne_max_points = 600
-bootstrap = 1000              # test-set resamples for the 95% intervals of AUROC / AUPRC (0 = none): on a small
-                              # test split (BreastMNIST: 156 images, 42 malignant) they are several points wide
+batch_size = 64               # feature extraction
 device = "cuda" if torch.cuda.is_available() else "cpu"
+out_dir = "out/probe"
 # -----------------------------------------------------------------------------
 
-# ----------------------------------------------------------------------------------------------
-# Features
-# ----------------------------------------------------------------------------------------------
+FEATURE_KINDS = ("cls", "mean", "cls+mean")
+HEADLINE_METRICS = ("accuracy", "auroc", "auprc_macro")
 
-def split_item(item):
-    """(image, label) of a dataset item: a dict with "image" (and "label", absent when unlabelled),
-    as data.py gives them, or a tuple (image, label, ...)."""
-    if isinstance(item, dict):
-        return item["image"], item.get("label")
-    return item[0], item[1]
-
-
+# features, cached on disk
 @torch.no_grad()
 def extract_features(model, dataset, batch_size=64, kind="cls", layers=None, device="cpu"):
-    """Frozen features of every item of `dataset`, in order. Returns (features (N, F) float32 on CPU,
-    labels (N,) or (N, C) as the dataset gives them, or None for an unlabelled dataset).
-
-    Images must already be normalised as the backbone expects (data.py's datasets do this).
-    kind: "cls" = CLS token, "mean" = mean of the patch tokens, "cls+mean" = both concatenated
-    (DINOv2's linear-eval feature). layers: block indices (0-based) whose normed outputs are
-    concatenated; None = the last block only."""
-    if kind not in ("cls", "mean", "cls+mean"):
-        raise ValueError(f"extract_features: kind must be 'cls', 'mean' or 'cls+mean', got {kind!r}")
+    """(features (N, F) float32 on CPU, labels (N,) / (N, C) or None) of every item of `dataset`, in order: the
+    CLS token, mean patch token or both of each block in `layers` (None = the last), normed and concatenated."""
+    if kind not in FEATURE_KINDS:
+        raise ValueError(f"extract_features: kind must be one of {FEATURE_KINDS}, got {kind!r}")
     layers = [len(model.blocks) - 1] if layers is None else list(layers)
     was_training = model.training
     model.eval().to(device)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0,
-                                         collate_fn=lambda items: [split_item(it) for it in items])
-    feats, labels, done, t0 = [], [], 0, time.time()
+    loader = torch.utils.data.DataLoader(dataset, batch_size, collate_fn=list)
+    feats, labels, t0 = [], [], time.time()
     for step, batch in enumerate(loader):
+        batch = [(it["image"], it.get("label")) if isinstance(it, dict) else it[:2] for it in batch]  # dict / tuple
         images = torch.stack([torch.as_tensor(img) for img, _ in batch]).to(device, torch.float32)
         labels.extend(None if lab is None else torch.as_tensor(lab) for _, lab in batch)
         per_layer = []
         for patch, cls in model.get_intermediate_layers(images, layers, return_class_token=True, norm=True):
-            if kind in ("cls", "cls+mean"):
-                per_layer.append(cls)
-            if kind in ("mean", "cls+mean"):
-                per_layer.append(patch.mean(dim=1))
+            per_layer += [cls] if kind != "mean" else []
+            per_layer += [patch.mean(dim=1)] if kind != "cls" else []
         feats.append(torch.cat(per_layer, dim=1).float().cpu())
-        done += len(batch)
-        if step % 10 == 0 or done == len(dataset):
-            speed = done / (time.time() - t0)
-            print(f"  features {done}/{len(dataset)} | {speed:.0f} img/s | ETA {(len(dataset) - done) / speed:.0f} s")
+        if step % 10 == 0 or len(labels) == len(dataset):
+            speed = len(labels) / (time.time() - t0)
+            print(f"  features {len(labels)}/{len(dataset)} | {speed:.0f} img/s | "
+                  f"ETA {(len(dataset) - len(labels)) / speed:.0f} s")
     model.train(was_training)
     labels = None if any(lab is None for lab in labels) else torch.stack(labels)
     return torch.cat(feats), labels
 
-
 def backbone_tag(init_from, arch, seed):
-    """A short name that changes when the backbone does: the file's name, size and mtime, or the
-    random-init architecture and seed."""
+    """A name that changes when the backbone does: the file's name, size and mtime, or the random-init arch and seed."""
     if not init_from:
         return f"random-{arch}-seed{seed}"
     st = os.stat(init_from)
     digest = hashlib.sha1(f"{os.path.abspath(init_from)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:8]
     return f"{Path(init_from).stem}-{digest}"
 
-
 def cached_features(cache_dir, key, model, dataset, **extract_kwargs):
     """extract_features, cached in `cache_dir/<key>.safetensors` (keyed by backbone, dataset, split, kind)."""
-    from model import save_safetensors_atomic  # only the cache needs model.py's writer
-    from safetensors.torch import load_file
     path = Path(cache_dir) / f"{key}.safetensors"
     if path.exists():
         cached = load_file(str(path))
@@ -137,16 +117,10 @@ def cached_features(cache_dir, key, model, dataset, **extract_kwargs):
     save_safetensors_atomic(tensors, path, {"key": key})
     return feats, labels
 
-
-# ----------------------------------------------------------------------------------------------
-# Linear probe: L2 logistic regression on standardised features, full-batch L-BFGS
-# ----------------------------------------------------------------------------------------------
-
-
+# linear probe: L2 logistic regression on standardised features, full-batch L-BFGS
 @contextlib.contextmanager
 def single_thread():
-    """Run many tiny CPU ops (L-BFGS evaluations, t-SNE steps) on one thread: on a busy small
-    machine the per-op thread hand-offs made them 15-20x slower than single-threaded."""
+    """One thread for many tiny CPU ops (L-BFGS, t-SNE): at that size thread hand-offs cost more than they save."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -154,88 +128,62 @@ def single_thread():
     finally:
         torch.set_num_threads(threads)
 
-
 class LinearProbe(nn.Module):
-    """Standardise, then one linear layer: softmax over classes (multinomial) or a sigmoid per
-    label (one-vs-rest, multi-label)."""
+    """Standardise by x's statistics, then one linear layer: softmax over classes, or a sigmoid per label."""
 
-    def __init__(self, mean, std, n_out, multilabel):
+    def __init__(self, x, n_out, multilabel):
         super().__init__()
-        self.register_buffer("mean", mean)
-        self.register_buffer("std", std)
-        self.linear = nn.Linear(mean.shape[0], n_out)
+        self.mean, std = x.mean(dim=0), x.std(dim=0)
+        self.std = torch.where(std > 1e-6 * std.max().clamp_min(1e-12), std, torch.ones_like(std))  # constant features
+        self.multilabel, self.linear = multilabel, nn.Linear(x.shape[1], n_out)
         nn.init.zeros_(self.linear.weight)  # zero start: the L-BFGS result is deterministic
         nn.init.zeros_(self.linear.bias)
-        self.multilabel = multilabel
-        self.l2 = None
-        self.val_loss_by_l2 = {}
+        self.l2, self.val_loss_by_l2 = None, {}
 
     def forward(self, x):
         return self.linear((x.float() - self.mean) / self.std)
 
+    def nll(self, x, y):  # mean negative log-likelihood of class indices, or of multi-hot labels
+        if self.multilabel:
+            return F.binary_cross_entropy_with_logits(self(x), y.float())
+        return F.cross_entropy(self(x), y.long())
+
     @torch.no_grad()
     def predict_proba(self, x):
-        logits = self(x)
-        return torch.sigmoid(logits) if self.multilabel else logits.softmax(dim=1)
-
-
-def probe_loss(probe, x, y):
-    """Mean negative log-likelihood: cross-entropy (class indices) or binary cross-entropy (multi-hot)."""
-    logits = probe(x)
-    if probe.multilabel:
-        return F.binary_cross_entropy_with_logits(logits, y.float())
-    return F.cross_entropy(logits, y.long())
-
+        return torch.sigmoid(self(x)) if self.multilabel else self(x).softmax(dim=1)
 
 def fit_logistic_regression(x, y, l2, multilabel=False, n_classes=None, max_iter=500):
     """Minimise mean NLL + l2/2 * ||W||^2 (bias not penalised) with full-batch L-BFGS."""
     x = x.float()
-    mean, std = x.mean(dim=0), x.std(dim=0)
-    std = torch.where(std > 1e-6 * std.max().clamp_min(1e-12), std, torch.ones_like(std))  # constant features
-    n_out = y.shape[1] if multilabel else (n_classes or int(y.max()) + 1)
-    probe = LinearProbe(mean, std, n_out, multilabel)
+    probe = LinearProbe(x, y.shape[1] if multilabel else (n_classes or int(y.max()) + 1), multilabel)
     opt = torch.optim.LBFGS(probe.linear.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
                             tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe")
-
     def closure():
         opt.zero_grad()
-        loss = probe_loss(probe, x, y) + 0.5 * l2 * probe.linear.weight.pow(2).sum()
+        loss = probe.nll(x, y) + 0.5 * l2 * probe.linear.weight.pow(2).sum()
         loss.backward()
         return loss
-
     with single_thread(), torch.enable_grad():
         opt.step(closure)
     probe.l2 = l2
     return probe
 
-
-def train_linear_probe(train_x, train_y, val_x, val_y, multilabel=False,
-                       l2_grid=L2_GRID, n_classes=None, max_iter=500):
-    """Fit one probe per L2 strength on train, keep the one with the lowest val NLL. NLL rather than
-    val accuracy: small val splits make accuracy tie across most of the grid. Returns a LinearProbe
-    (call .predict_proba(x)); .l2 and .val_loss_by_l2 record the search."""
+def train_linear_probe(train_x, train_y, val_x, val_y, multilabel=False, l2_grid=L2_GRID, n_classes=None, max_iter=500):
+    """One probe per L2 strength on train; the lowest val NLL wins (accuracy ties on small val splits)."""
     best, losses = None, {}
     for l2 in l2_grid:
         probe = fit_logistic_regression(train_x, train_y, l2, multilabel, n_classes, max_iter)
         with torch.no_grad():
-            losses[l2] = float(probe_loss(probe, val_x, val_y))
+            losses[l2] = float(probe.nll(val_x, val_y))
         if best is None or losses[l2] < losses[best.l2]:
             best = probe
     best.val_loss_by_l2 = losses
     return best
 
-
-# ----------------------------------------------------------------------------------------------
-# Metadata probe (RAD-DINO §4.4, Table 7): 5-fold cross-validation grouped by patient
-# ----------------------------------------------------------------------------------------------
-
-
+# metadata probe (RAD-DINO §4.4, Table 7): cross-validation grouped by patient
 def grouped_folds(groups, n_folds=5, seed=0):
-    """Fold index (N,) for each sample such that all samples of a group (patient) share a fold.
-    Groups are shuffled by `seed`, then placed largest first into the currently smallest fold, so
-    folds stay balanced in samples."""
-    groups = np.asarray(groups)
-    names, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    """Fold index per sample, a group (patient) in one fold: shuffled groups go largest first into the smallest fold."""
+    names, inverse, counts = np.unique(np.asarray(groups), return_inverse=True, return_counts=True)
     if len(names) < n_folds:
         raise ValueError(f"grouped_folds: {len(names)} groups cannot fill {n_folds} folds")
     order = np.random.default_rng(seed).permutation(len(names))
@@ -246,31 +194,25 @@ def grouped_folds(groups, n_folds=5, seed=0):
         fold_sizes[fold_of_group[g]] += counts[g]
     return fold_of_group[inverse.reshape(-1)]
 
-
 def cross_validate_probe(features, labels, groups, n_folds, seed, l2_grid):
-    """Accuracy of the linear probe on each held-out fold. Inside each split, the next fold serves
-    as val to choose the L2 strength, then the probe is refit on train + val with it."""
+    """Per held-out fold, the accuracy of the linear probe (the next fold is val, to choose the L2 strength; then
+    refit on train + val) and of always answering the training folds' most common class (the floor to beat)."""
     folds = grouped_folds(groups, n_folds, seed)
     labels = torch.as_tensor(labels)
     n_classes = int(labels.max()) + 1
     accuracies, majority = [], []
     for k in range(n_folds):
         test, val = folds == k, folds == (k + 1) % n_folds
-        train = ~test & ~val
+        train, fit = ~test & ~val, ~test
         chosen = train_linear_probe(features[train], labels[train], features[val], labels[val],
                                     l2_grid=l2_grid, n_classes=n_classes)
-        fit = ~test
         probe = fit_logistic_regression(features[fit], labels[fit], chosen.l2, n_classes=n_classes)
-        pred = probe.predict_proba(features[test]).argmax(dim=1)
-        accuracies.append(accuracy(labels[test], pred))
-        # the accuracy of always answering the training folds' most common class: the floor to beat
+        accuracies.append(accuracy(labels[test], probe.predict_proba(features[test]).argmax(dim=1)))
         majority.append(float((labels[test] == labels[fit].bincount().argmax()).float().mean()))
     return accuracies, majority
 
-
 def metadata_targets(rows, column, bin_edges):
-    """Class index per row (None where blank) and class names. A numeric column is cut into bins
-    at `bin_edges` (RAD-DINO bins age at 20/40/60/80 years); any other column is categorical."""
+    """Class per row (None if blank) and names: numbers binned at `bin_edges` (RAD-DINO's ages), else categories."""
     values = [(row.get(column) or "").strip() for row in rows]
     present = [v for v in values if v]
     if not present:
@@ -284,83 +226,57 @@ def metadata_targets(rows, column, bin_edges):
     names = [f"<{edges[0]:g}"] + [f"{a:g}-{b:g}" for a, b in zip(edges, edges[1:])] + [f">={edges[-1]:g}"]
     return [None if x is None else int(np.searchsorted(edges, x, side="right")) for x in numbers], names
 
-
-# ----------------------------------------------------------------------------------------------
 # 2-D maps of the latent space: PCA and exact t-SNE
-# ----------------------------------------------------------------------------------------------
-
-
 def pca(x, n_components=2):
-    """Projection on the top principal axes, from the eigenvectors of the covariance matrix.
-    Returns (projected (N, n_components), components (n_components, F)); each component's sign is
-    fixed so that its largest-magnitude loading is positive."""
+    """(projected (N, n), components (n, F)) on the top principal axes, each signed so its largest loading is > 0."""
     x = x.double() - x.double().mean(dim=0)
     eigenvalues, eigenvectors = torch.linalg.eigh(x.T @ x / max(len(x) - 1, 1))  # ascending order
     components = eigenvectors[:, -n_components:].flip(1).T
-    signs = components.gather(1, components.abs().argmax(dim=1, keepdim=True)).sign()
-    components = components * signs
+    components = components * components.gather(1, components.abs().argmax(dim=1, keepdim=True)).sign()
     return (x @ components.T).float(), components.float()
 
-
 def tsne_affinities(sq_dist, perplexity, n_steps=100):
-    """Row-conditional Gaussian affinities p_{j|i} whose entropy is log(perplexity): a bisection on
-    each row's precision beta, all rows at once."""
+    """Gaussian affinities p_{j|i} of entropy log(perplexity): a bisection on every row's precision at once."""
     n = sq_dist.shape[0]
     off_diag = ~torch.eye(n, dtype=torch.bool)
     d = sq_dist.masked_fill(~off_diag, float("inf"))
     d = d - d.min(dim=1, keepdim=True).values  # shift per row: exp() cannot underflow to all zeros
-    target = math.log(perplexity)
     beta = torch.ones(n, 1, dtype=d.dtype)
     low, high = torch.zeros_like(beta), torch.full_like(beta, float("inf"))
     for _ in range(n_steps):
         p = torch.exp(-d * beta)
         p_sum = p.sum(dim=1, keepdim=True)
         entropy = torch.log(p_sum) + beta * (torch.where(off_diag, d, 0) * p).sum(dim=1, keepdim=True) / p_sum
-        too_flat = entropy > target  # entropy too high: sharpen (raise beta)
+        too_flat = entropy > math.log(perplexity)  # entropy too high: sharpen (raise beta)
         low = torch.where(too_flat, beta, low)
         high = torch.where(too_flat, high, beta)
         beta = torch.where(torch.isinf(high), beta * 2, (low + high) / 2)
     p = torch.exp(-d * beta)
     return p / p.sum(dim=1, keepdim=True)
 
-
 def tsne(x, perplexity=30.0, n_iter=750, seed=0):
-    """Exact t-SNE (van der Maaten & Hinton 2008) in 2-D: O(N^2) memory, fine for N up to a few
-    thousand. Early exaggeration 12 for 250 steps, momentum 0.5 then 0.8, adaptive gains,
-    learning rate max(N / 48, 50) (the 'auto' rate of scikit-learn / openTSNE)."""
-    x = x.double()
-    n = len(x)
+    """Exact t-SNE (van der Maaten & Hinton 2008) in 2-D, O(N^2) memory: early exaggeration 12 for 250 steps,
+    momentum 0.5 then 0.8, adaptive gains, learning rate max(N / 48, 50) (scikit-learn's and openTSNE's 'auto')."""
+    x, n = x.double(), len(x)
     perplexity = min(perplexity, (n - 1) / 3)  # more neighbours than exist makes the bisection fail
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randn(n, 2, generator=g, dtype=torch.float64) * 1e-4
+    y = torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 1e-4
+    velocity, gains, lr = torch.zeros_like(y), torch.ones_like(y), max(n / 48, 50.0)
     with single_thread():
         p = tsne_affinities(torch.cdist(x, x).pow(2), perplexity)
         p = ((p + p.T) / (2 * n)).clamp_min(1e-12)
-        y = tsne_descent(p, y, n_iter, lr=max(n / 48, 50.0))
+        for step in range(n_iter):
+            exaggeration, momentum = (12.0, 0.5) if step < 250 else (1.0, 0.8)
+            kernel = 1 / (1 + torch.cdist(y, y).pow(2))  # Student-t with one degree of freedom
+            kernel.fill_diagonal_(0)
+            q = (kernel / kernel.sum()).clamp_min(1e-12)
+            w = (exaggeration * p - q) * kernel
+            grad = 4 * (w.sum(dim=1, keepdim=True) * y - w @ y)
+            gains = torch.where((grad > 0) != (velocity > 0), gains + 0.2, gains * 0.8).clamp_min(0.01)
+            velocity = momentum * velocity - lr * gains * grad
+            y = y + velocity
     return (y - y.mean(dim=0)).float()
 
-
-def tsne_descent(p, y, n_iter, lr):
-    """Gradient descent on KL(P || Q) with t-SNE's momentum, gains and early exaggeration."""
-    velocity, gains = torch.zeros_like(y), torch.ones_like(y)
-    for step in range(n_iter):
-        exaggeration, momentum = (12.0, 0.5) if step < 250 else (1.0, 0.8)
-        kernel = 1 / (1 + torch.cdist(y, y).pow(2))  # Student-t with one degree of freedom
-        kernel.fill_diagonal_(0)
-        q = (kernel / kernel.sum()).clamp_min(1e-12)
-        w = (exaggeration * p - q) * kernel
-        grad = 4 * (w.sum(dim=1, keepdim=True) * y - w @ y)
-        gains = torch.where((grad > 0) != (velocity > 0), gains + 0.2, gains * 0.8).clamp_min(0.01)
-        velocity = momentum * velocity - lr * gains * grad
-        y = y + velocity
-    return y
-
-
-# ----------------------------------------------------------------------------------------------
-# Attention and patch correspondences (RAD-DINO Fig. 3, Fig. A.2)
-# ----------------------------------------------------------------------------------------------
-
-
+# attention and patch correspondences (RAD-DINO Fig. 3, Fig. A.2)
 @torch.no_grad()
 def last_block_input(model, images):
     """The tokens (B, 1+R+N, D) entering the last block."""
@@ -369,16 +285,12 @@ def last_block_input(model, images):
         x = block(x)
     return x
 
-
 def block_attention(block, x):
-    """softmax(q k^T / sqrt(d_head)) of `block` for input tokens x: (B, heads, T, T). The model's own
-    forward uses a fused kernel that never materialises these weights, so recompute them from qkv."""
+    """softmax(q k^T / sqrt(d_head)) of `block`: (B, heads, T, T), from qkv, as the fused kernel never stores it."""
     B, T, D = x.shape
     heads = block.attn.num_heads
-    qkv = block.attn.qkv(block.norm1(x)).reshape(B, T, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
-    q, k = qkv[0], qkv[1]
+    q, k, _ = block.attn.qkv(block.norm1(x)).reshape(B, T, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
     return (q @ k.transpose(-2, -1) / math.sqrt(D // heads)).softmax(dim=-1)
-
 
 @torch.no_grad()
 def cls_attention_maps(model, images):
@@ -387,88 +299,64 @@ def cls_attention_maps(model, images):
     h, w = images.shape[-2] // model.patch_size, images.shape[-1] // model.patch_size
     return attn[:, :, 0, 1 + model.n_registers:].reshape(len(images), -1, h, w)
 
-
 @torch.no_grad()
 def patch_similarity(model, image_a, image_b, query_patches):
-    """Cosine similarity between chosen patches (row, col) of image_a and every patch of image_b:
-    (Q, h, w), from the last layer's normalised patch tokens."""
+    """Cosine similarity (Q, h, w) of the last layer's patch tokens: patches (row, col) of image_a to all of image_b."""
     tokens = model.forward_features(torch.stack([image_a, image_b]))["x_norm_patchtokens"]
     tokens = F.normalize(tokens.float(), dim=-1)
     h, w = image_b.shape[-2] // model.patch_size, image_b.shape[-1] // model.patch_size
     queries = torch.stack([tokens[0, r * w + c] for r, c in query_patches])
     return (queries @ tokens[1].T).reshape(len(query_patches), h, w)
 
-
-# ----------------------------------------------------------------------------------------------
-# Pictures, drawn with pillow only
-# ----------------------------------------------------------------------------------------------
-
-# ----------------------------------------------------------------------------------------------
-# The run
-# ----------------------------------------------------------------------------------------------
-
-
-def describe_metrics(metrics):
-    """One log line: each headline metric, with its bootstrap 95% interval when there is one."""
-    ci = metrics.get("ci95", {})
-    return " ".join(f"{k} {metrics[k]:.4f}" + (f" [{ci[k][0]:.4f}, {ci[k][1]:.4f}]" if k in ci else "")
-                    for k in ("accuracy", "auroc", "auprc_macro"))
-
-
 if __name__ == "__main__":
-    from config import configure
     config = configure(globals())
-    import data
-    from model import ViT, load_backbone, save_json_atomic, vit_config
 
-    # ---- checks, before any work
+    # checks, before any work (the dataset and model constructors check the rest)
     if dataset not in ("phantom", "medmnist", "csv"):
         raise ValueError(f"config 'dataset': expected 'phantom', 'medmnist' or 'csv', got {dataset!r}")
     if dataset != "phantom" and not Path(data_path).is_file():
         raise FileNotFoundError(f"config 'data_path': {dataset} needs an existing file, got {data_path!r}")
-    if init_from and not Path(init_from).exists():
-        raise FileNotFoundError(f"config 'init_from': backbone {init_from!r} not found")
     if dataset == "csv" and not label_column and not hasattr(data, label_fn):
-        raise ValueError(f"config 'label_fn': data.py has no function {label_fn!r}")
-    if feature_kind not in ("cls", "mean", "cls+mean"):
-        raise ValueError(f"config 'feature_kind': expected 'cls', 'mean' or 'cls+mean', got {feature_kind!r}")
+        raise ValueError(f"config 'label_fn': expected the name of a function in data.py, got {label_fn!r}")
+    if feature_kind not in FEATURE_KINDS:
+        raise ValueError(f"config 'feature_kind': expected one of {FEATURE_KINDS}, got {feature_kind!r}")
     if not isinstance(bootstrap, int) or bootstrap < 0:
         raise ValueError(f"config 'bootstrap': expected a number of resamples >= 0, got {bootstrap!r}")
     out, t_start = Path(out_dir), time.time()
     out.mkdir(parents=True, exist_ok=True)
 
-    # ---- data: train / val / test, images centre-cropped, resized to img_size and normalised
+    # data: train / val / test (+ csv: every image, for the metadata probe), centre-cropped, resized, normalised
     transform = data.ClassificationTransform(img_size, train=False)
-    multilabel, metadata_rows = False, None
     if dataset == "phantom":
         splits = {s: data.PhantomDataset(n, img_size=img_size, seed=0, split=s, transform=transform)
-                  for s, n in zip(("train", "val", "test"), phantom_sizes)}
-        class_names, data_tag = list(data.PHANTOM_CLASSES), f"phantom{img_size}-{'-'.join(map(str, phantom_sizes))}"
+                  for s, n in zip(data.SPLITS, phantom_sizes)}
+        class_names = list(data.PHANTOM_CLASSES)
+        data_tag = f"phantom{img_size}-{'-'.join(map(str, phantom_sizes))}"
     elif dataset == "medmnist":
-        splits = {s: data.ArrayImageDataset(*data.load_medmnist(data_path, s), transform=transform)
-                  for s in ("train", "val", "test")}
+        splits = {s: data.ArrayImageDataset(*data.load_medmnist(data_path, s), transform) for s in data.SPLITS}
         info = data.MEDMNIST.get(Path(data_path).stem.split("_")[0])
-        n_out = splits["train"].labels.shape[1] if splits["train"].labels.ndim == 2 else int(splits["train"].labels.max()) + 1
-        class_names = list(info.labels) if info else [str(c) for c in range(n_out)]
-        multilabel = splits["train"].labels.ndim == 2
+        class_names = list(info.labels) if info else None
         data_tag = f"{Path(data_path).stem}-{img_size}"
     else:
         labelling = dict(label_column=label_column) if label_column else dict(label_fn=getattr(data, label_fn))
-        splits = {s: data.ImageFolderDataset(data_path, s, transform=transform, **labelling)
-                  for s in ("train", "val", "test")}
+        splits = {s: data.ImageFolderDataset(data_path, s, transform=transform, **labelling) for s in data.SPLITS}
         class_names = splits["train"].classes or (["other", "COVID-19"] if label_fn == "covid_vs_other" else None)
-        class_names = class_names or [str(c) for c in range(max(splits["train"].labels) + 1)]
         data_tag = f"{Path(data_path).parent.name}-{label_column or label_fn}-{img_size}"
-        if metadata_columns:  # every image, labelled or not, for the metadata probe
-            metadata_set = data.ImageFolderDataset(data_path, None, transform=transform)
-            metadata_rows = metadata_set.rows
+    multilabel = dataset == "medmnist" and splits["train"].labels.ndim == 2  # ChestMNIST
+    if class_names is None:  # classes without names are numbered
+        train_labels = np.asarray(splits["train"].labels)
+        class_names = [str(c) for c in range(train_labels.shape[1] if multilabel else int(train_labels.max()) + 1)]
     print(f"data: {dataset} {data_path or ''} | " + ", ".join(f"{s} {len(d)}" for s, d in splits.items())
           + f" | classes {class_names}")
+    to_extract = dict(splits)
+    if dataset == "csv" and metadata_columns:  # every image, labelled or not
+        to_extract["all"] = data.ImageFolderDataset(data_path, None, transform=transform)
 
-    # ---- one evaluation per seed: backbone, features (cached), linear probe, k-NN, metadata probe
+    # one evaluation per seed: backbone, features (cached), linear probe, k-NN, metadata probe
     arch_name = f"vit-{model_size}{f'-d{depth}' if depth else ''}-p{patch_size}-{img_size}-ls{layerscale_init}"
     layer_tag = "" if not layers else "-L" + "_".join(map(str, layers))
-    runs, model = [], None
+    extract = dict(batch_size=batch_size, kind=feature_kind, layers=list(layers) or None, device=device)
+    runs = []
     for seed in seeds:
         t_seed = time.time()
         torch.manual_seed(seed)
@@ -476,92 +364,86 @@ if __name__ == "__main__":
             model = load_backbone(init_from)
             print(f"backbone: {init_from} (seed {seed} only shuffles the CV folds)")
         else:
-            size_overrides = {"depth": depth} if depth > 0 else {}
-            model = ViT(vit_config(model_size, patch_size=patch_size, img_size=img_size, layerscale_init=layerscale_init,
-                                   **size_overrides))
+            model = ViT(vit_config(model_size, patch_size=patch_size, img_size=img_size,
+                                   layerscale_init=layerscale_init, **({"depth": depth} if depth > 0 else {})))
             print(f"backbone: RANDOM INIT {arch_name} seed {seed} (no init_from): a random-feature baseline")
         tag = backbone_tag(init_from, arch_name, seed)
-        extract = dict(batch_size=batch_size, kind=feature_kind, layers=list(layers) or None, device=device)
-        feats = {s: cached_features(out / "features", f"{tag}_{data_tag}_{s}_{feature_kind}{layer_tag}", model, d, **extract)
-                 for s, d in splits.items()}
+        feats = {s: cached_features(out / "features", f"{tag}_{data_tag}_{s}_{feature_kind}{layer_tag}", model, d,
+                                    **extract) for s, d in to_extract.items()}
         (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = feats["train"], feats["val"], feats["test"]
         run = {"seed": seed, "backbone": tag, "feature_dim": x_tr.shape[1]}
 
+        # linear probe and k-NN, scored on the test split
         t0 = time.time()
         probe = train_linear_probe(x_tr, y_tr, x_va, y_va, multilabel, l2_grid, n_classes=len(class_names))
         linear_probs = probe.predict_proba(x_te)
-        run["linear"] = probe_metrics(y_te, linear_probs, class_names, multilabel)
-        run["linear"]["l2"] = probe.l2
+        run["linear"] = {**probe_metrics(y_te, linear_probs, class_names, multilabel), "l2": probe.l2}
         settings = {"linear": f"l2 {probe.l2:g}, {time.time() - t0:.1f} s", "knn": f"k {knn_k}, T {knn_temperature}"}
         knn_probs = knn_predict(x_tr, y_tr, x_te, len(class_names), knn_k, knn_temperature)
         run["knn"] = probe_metrics(y_te, knn_probs, class_names, multilabel)
         for method, probs in (("linear", linear_probs), ("knn", knn_probs)):
             if bootstrap:
                 run[method]["ci95"] = bootstrap_interval(y_te, probs, class_names, multilabel, bootstrap, seed)
-            print(f"seed {seed} {method} ({settings[method]}): {describe_metrics(run[method])}")
+            ci = run[method].get("ci95", {})
+            print(f"seed {seed} {method} ({settings[method]}): " + " ".join(
+                f"{k} {run[method][k]:.4f}" + (f" [{ci[k][0]:.4f}, {ci[k][1]:.4f}]" if k in ci else "")
+                for k in HEADLINE_METRICS))
 
-        if metadata_rows is not None:
-            x_all, _ = cached_features(out / "features", f"{tag}_{data_tag}_all_{feature_kind}{layer_tag}", model,
-                                       metadata_set, **extract)
-            run["metadata"] = {}
+        # metadata probe: sex, age, ... read from the features of every image (rows blank there left out)
+        if "all" in feats:
+            rows, run["metadata"] = to_extract["all"].rows, {}
             for column in metadata_columns:
-                targets, names = metadata_targets(metadata_rows, column, numeric_bin_edges)
+                targets, names = metadata_targets(rows, column, numeric_bin_edges)
                 keep = [i for i, t in enumerate(targets) if t is not None]
-                y = torch.tensor([targets[i] for i in keep])
-                groups = [metadata_rows[i][group_column] for i in keep]
-                fold_acc, fold_majority = cross_validate_probe(x_all[keep], y, groups, n_folds, seed, l2_grid)
-                run["metadata"][column] = {"accuracy": mean_std(fold_acc), "majority_class": mean_std(fold_majority),
-                                           "classes": names, "counts": np.bincount(y.numpy(), minlength=len(names)).tolist()}
+                y, groups = torch.tensor([targets[i] for i in keep]), [rows[i][group_column] for i in keep]
+                fold_acc, majority = cross_validate_probe(feats["all"][0][keep], y, groups, n_folds, seed, l2_grid)
+                counts = np.bincount(y.numpy(), minlength=len(names)).tolist()
+                run["metadata"][column] = {"accuracy": mean_std(fold_acc), "majority_class": mean_std(majority),
+                                           "classes": names, "counts": counts}
                 print(f"seed {seed} metadata '{column}' ({len(keep)} images, {len(set(groups))} patients, "
                       f"{n_folds}-fold grouped CV): accuracy {np.mean(fold_acc):.4f} ± {np.std(fold_acc):.4f} "
-                      f"(majority class {np.mean(fold_majority):.4f})")
+                      f"(majority class {np.mean(majority):.4f})")
         run["seconds"] = time.time() - t_seed
         runs.append(run)
 
-    # ---- summary over seeds
+    # summary over seeds
+    print(f"\n{'method':8s} | ACC mean ± std | AUROC mean ± std | AUPRC(macro) mean ± std | AUPRC per class  "
+          f"({len(seeds)} seed(s))")
     summary = {}
     for method in ("linear", "knn"):
-        summary[method] = {k: mean_std([r[method][k] for r in runs]) for k in ("accuracy", "auroc", "auprc_macro")}
-        summary[method]["auprc_per_class"] = {c: mean_std([r[method]["auprc_per_class"][c] for r in runs])
-                                              for c in class_names}
-    if metadata_rows is not None:
-        summary["metadata"] = {c: {"accuracy_mean_over_seeds": mean_std([r["metadata"][c]["accuracy"]["mean"] for r in runs]),
-                                   "majority_class": runs[0]["metadata"][c]["majority_class"]}
-                               for c in metadata_columns}
-    print(f"\n{'method':8s} | ACC mean ± std | AUROC mean ± std | AUPRC(macro) mean ± std | AUPRC per class  ({len(seeds)} seed(s))")
-    for method in ("linear", "knn"):
-        m = summary[method]
-        per = " ".join(f"{c}: {v['mean'] * 100:.2f}" for c, v in m["auprc_per_class"].items())
-        print(f"{method:8s} | {m['accuracy']['mean'] * 100:.2f} ± {m['accuracy']['std'] * 100:.2f} | "
-              f"{m['auroc']['mean'] * 100:.2f} ± {m['auroc']['std'] * 100:.2f} | "
-              f"{m['auprc_macro']['mean'] * 100:.2f} ± {m['auprc_macro']['std'] * 100:.2f} | {per}")
-    for column, m in summary.get("metadata", {}).items():
-        print(f"metadata {column}: {n_folds}-fold grouped CV accuracy {m['accuracy_mean_over_seeds']['mean'] * 100:.2f} "
-              f"± {m['accuracy_mean_over_seeds']['std'] * 100:.2f} over seeds "
-              f"(majority class {m['majority_class']['mean'] * 100:.2f})")
+        m = summary[method] = {k: mean_std([r[method][k] for r in runs]) for k in HEADLINE_METRICS}
+        m["auprc_per_class"] = {c: mean_std([r[method]["auprc_per_class"][c] for r in runs]) for c in class_names}
+        print(f"{method:8s} | " + " | ".join(f"{m[k]['mean'] * 100:.2f} ± {m[k]['std'] * 100:.2f}"
+                                              for k in HEADLINE_METRICS)
+              + " | " + " ".join(f"{c}: {v['mean'] * 100:.2f}" for c, v in m["auprc_per_class"].items()))
+    for column in metadata_columns if "all" in feats else ():
+        acc = mean_std([r["metadata"][column]["accuracy"]["mean"] for r in runs])
+        majority = runs[0]["metadata"][column]["majority_class"]
+        summary.setdefault("metadata", {})[column] = {"accuracy_mean_over_seeds": acc, "majority_class": majority}
+        print(f"metadata {column}: {n_folds}-fold grouped CV accuracy {acc['mean'] * 100:.2f} ± "
+              f"{acc['std'] * 100:.2f} over seeds (majority class {majority['mean'] * 100:.2f})")
 
-    # ---- pictures from the last seed's backbone and test features
-    pictures = {}
+    # pictures, from the last seed's backbone and test features
     n_map = min(len(x_te), tsne_max_points)
-    labels_map = y_te[:n_map] if not multilabel else y_te[:n_map].argmax(dim=1)  # multi-label: first positive label
-    pictures["pca"] = str(out / "pca_test.png")
-    save_scatter(pca(x_te[:n_map])[0], labels_map, class_names, pictures["pca"], f"PCA of {n_map} test features ({tag})")
+    labels_map = y_te[:n_map].argmax(dim=1) if multilabel else y_te[:n_map]  # multi-label: first positive label
+    pictures = {"pca": str(out / "pca_test.png"), "tsne": str(out / "tsne_test.png"),
+                "attention": str(out / "attention_test0.png"), "similarity": str(out / "similarity_test0_test1.png")}
+    save_scatter(pca(x_te[:n_map])[0], labels_map, class_names, pictures["pca"],
+                 f"PCA of {n_map} test features ({tag})")
     t0 = time.time()
-    pictures["tsne"] = str(out / "tsne_test.png")
     save_scatter(tsne(x_te[:n_map], seed=seeds[-1]), labels_map, class_names, pictures["tsne"],
                  f"t-SNE of {n_map} test features ({tag})")
     print(f"t-SNE of {n_map} points: {time.time() - t0:.1f} s")
     image_a, image_b = splits["test"][0]["image"], splits["test"][1]["image"]
     model.eval()
     maps = cls_attention_maps(model, image_a[None].to(device))[0].cpu()
-    pictures["attention"] = str(out / "attention_test0.png")
     save_attention_figure(image_a, maps.numpy(), pictures["attention"])
-    h, w = img_size // model.patch_size, img_size // model.patch_size
+    h = w = img_size // model.patch_size
     landmarks = [(h // 3, w // 3), (h // 3, 2 * w // 3), (2 * h // 3, w // 3), (2 * h // 3, 2 * w // 3)]
     sims = patch_similarity(model, image_a.to(device), image_b.to(device), landmarks).cpu()
-    pictures["similarity"] = str(out / "similarity_test0_test1.png")
     save_similarity_figure(image_a, image_b, sims.numpy(), landmarks, model.patch_size, pictures["similarity"])
 
+    # results
     results = {"config": config, "class_names": class_names, "runs": runs, "summary": summary,
                "pictures": pictures, "seconds": time.time() - t_start}
     save_json_atomic(results, out / "results.json")
