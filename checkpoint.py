@@ -5,6 +5,7 @@ for people to read.
 """
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from distributed import distributed, rank, world_size
-from model import load_state_strict, save_json_atomic, save_safetensors_atomic
+from model import ViT, ViTConfig, load_backbone, load_state_strict, save_json_atomic, save_safetensors_atomic
 
 
 
@@ -110,3 +111,18 @@ def load_checkpoint(path, student, teacher, optimizer, centers):
         print(f"resume: {path} was written by {len(saved_rng)} processes, this run has {world_size()}: "
               f"random states are not restored (the run continues, but not bit-exactly)")
     return state
+
+
+def load_init_backbone(path, **config_overrides):
+    """A backbone to continue from: a pretrain.py checkpoint (its teacher, the better network) or
+    anything model.load_backbone reads (official DINOv2 .pth, HF Dinov2, timm, nanorad)."""
+    is_safetensors_file = str(path).endswith(".safetensors") and Path(path).is_file()
+    ckpt_state = checkpoint_state_or_none(path) if is_safetensors_file else None
+    if ckpt_state is None:
+        return load_backbone(path, **config_overrides)
+    backbone = ViT(ViTConfig(**{**ckpt_state["model"]["vit"], **config_overrides}))
+    prefix = "teacher.backbone."
+    load_state_strict(backbone, {k[len(prefix):]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)},
+                      str(path))
+    print(f"init_from: {path}: teacher backbone of a pretrain.py checkpoint (step {ckpt_state['step']})")
+    return backbone

@@ -223,6 +223,61 @@ def linear_cka(x, y):
     return float((y.t() @ x).norm() ** 2 / ((x.t() @ x).norm() * (y.t() @ y).norm()))
 
 
+@torch.no_grad()
+def backbone_drift(state, initial_state, feats, initial_feats):
+    """How far a backbone moved from where a run started: relative L2 distance of the weights per
+    block (and of the embeddings), cosine of the CLS features of a fixed batch, linear CKA."""
+    groups = {}
+    for name, p in state.items():
+        group = ".".join(name.split(".")[:2]) if name.startswith("blocks.") else (
+            "embed" if name.startswith(("pos_embed", "patch_embed", "cls_token", "mask_token", "register_tokens"))
+            else "norm")
+        diff, ref = groups.get(group, (0.0, 0.0))
+        w0 = initial_state[name].float()
+        groups[group] = (diff + float((p.detach().float().cpu() - w0).pow(2).sum()), ref + float(w0.pow(2).sum()))
+    rel = {g: math.sqrt(d) / max(math.sqrt(r), 1e-12) for g, (d, r) in groups.items()}
+    cos = float(F.cosine_similarity(feats, initial_feats, dim=-1).mean())
+    return {"rel_l2": rel, "feature_cos": cos, "cka": linear_cka(feats.double(), initial_feats.double())}
+
+
+def format_drift(drift):
+    blocks = [v for k, v in sorted((kv for kv in drift["rel_l2"].items() if kv[0].startswith("blocks.")),
+                                   key=lambda kv: int(kv[0].split(".")[1]))]
+    return (f"drift: rel-L2 embed {drift['rel_l2'].get('embed', 0):.3f} blocks "
+            + " ".join(f"{v:.3f}" for v in blocks)
+            + f" norm {drift['rel_l2'].get('norm', 0):.3f} | CLS cos {drift['feature_cos']:.3f} CKA {drift['cka']:.3f}")
+
+
+# ----------------------------------------------------------------------------------------------
+# DINO collapse monitors (local to one process's batch)
+# ----------------------------------------------------------------------------------------------
+
+def entropy(probs):
+    return -(probs * probs.clamp_min(1e-12).log()).sum(-1)
+
+
+def head_information(probs):
+    """How much the student's DINO prototype assignment says about the image, as a fraction of log K:
+    the mutual information H(mean p) - mean H(p) over the batch, divided by log K. Both of DINO's
+    collapses give 0: every image mapped to the same prototype, or every image to the uniform
+    distribution (the DINO loss then sits at log K while KoLeo alone keeps the backbone's features
+    apart, so feat_std looks healthy). Local to this rank's batch."""
+    probs = probs.float()
+    return float((entropy(probs.mean(0)) - entropy(probs).mean()) / math.log(probs.shape[1]))
+
+
+def view_correlation(a, b):
+    """How much two views of the same images agree beyond what all images share: the correlation of
+    their features (B, D) after removing the batch mean. 1: the views agree; ~0: the augmentation
+    swamps the image. DINO matches views, so it can only sharpen what the views agree on; by a
+    linearised argument, the image-specific part of the head output grows when
+    view_corr * student_temp / teacher_temp > 1 and shrinks into the uniform collapse otherwise.
+    Local to this rank's batch."""
+    mean = torch.cat([a, b]).mean(0)
+    a, b = a - mean, b - mean
+    return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12))
+
+
 # ----------------------------------------------------------------------------------------------
 # Segmentation: label maps in (numpy or torch, any equal shapes), floats out; NaN = not scored
 # ----------------------------------------------------------------------------------------------

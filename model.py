@@ -9,6 +9,7 @@ import json
 import math
 import os
 import tempfile
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -272,6 +273,19 @@ class ViT(nn.Module):
 
 
 # ---------------------------------------------------------------------------- checkpoints on disk
+
+@torch.no_grad()
+def backbone_features(backbone, images, device, autocast=nullcontext, batch_size=256):
+    """CLS features (N, D) fp32 on the CPU of normalised images (N, 3, H, W), in eval mode, in batches."""
+    was_training = backbone.training
+    backbone.eval()
+    feats = []
+    for i in range(0, len(images), batch_size):
+        with autocast():
+            feats.append(backbone(images[i:i + batch_size].to(device)).float().cpu())
+    backbone.train(was_training)
+    return torch.cat(feats)
+
 
 def save_safetensors_atomic(tensors, path, metadata=None):
     """Write to a temp file in the same folder, fsync, then rename: a crash leaves the old file."""
@@ -609,9 +623,18 @@ class DINOHead(nn.Module):
         return self.last_layer(x)
 
 
-def load_dino_head(path, verbose=True):
+def head_shape(head):
+    """DINOHead constructor arguments read back from its weights."""
+    linears = [m for m in head.mlp if isinstance(m, nn.Linear)]
+    return dict(in_dim=linears[0].in_features, out_dim=head.last_layer.weight_v.shape[0],
+                hidden_dim=linears[0].out_features if len(linears) > 1 else 0,
+                bottleneck_dim=head.last_layer.weight_v.shape[1], nlayers=len(linears))
+
+
+def load_dino_head(path, verbose=True, in_dim=None):
     """A DINOHead from a DINOv2-format state dict (`mlp.N.*`, `last_layer.weight_g/_v`), as RAD-DINO
-    publishes it (`dino_head.safetensors`) or inside a DINOv2 checkpoint (`teacher.dino_head.*`)."""
+    publishes it (`dino_head.safetensors`) or inside a DINOv2 checkpoint (`teacher.dino_head.*`).
+    in_dim: the backbone's embed_dim the head must take (checked)."""
     state, _ = read_state_dict(path)
     for prefix in ("teacher.dino_head.", "student.dino_head.", "dino_head.", "head."):
         if any(k.startswith(prefix) for k in state):
@@ -621,6 +644,8 @@ def load_dino_head(path, verbose=True):
     if not linears or "last_layer.weight_v" not in state:
         raise KeyError(f"{path}: not a DINO head (expected mlp.N.weight and last_layer.weight_v; found {sorted(state)[:6]})")
     first, last = state[f"mlp.{linears[0]}.weight"], state[f"mlp.{linears[-1]}.weight"]
+    if in_dim is not None and first.shape[1] != in_dim:
+        raise ValueError(f"{path}: head input {first.shape[1]}, expected the backbone's embed_dim {in_dim}")
     out_dim, bottleneck = state["last_layer.weight_v"].shape
     hidden = first.shape[0] if len(linears) > 1 else bottleneck
     head = DINOHead(first.shape[1], out_dim, hidden, last.shape[0], nlayers=len(linears))

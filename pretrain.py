@@ -1,30 +1,23 @@
 """
-Self-supervised pretraining of a ViT as in DINOv2 (DINO + iBOT + KoLeo), with the two radiology
-recipes nanorad reproduces: OmniRad (global crops only) and RAD-DINO (multi-crop, continued from
-released DINOv2 weights).
+Self-supervised pretraining of a ViT as in DINOv2 (DINO + iBOT + KoLeo), with the two radiology recipes
+nanorad reproduces: OmniRad (global crops only) and RAD-DINO (multi-crop, continued from DINOv2 weights).
 
     python pretrain.py                                    # phantoms, ViT-tiny/8, a few minutes on a CPU
     python pretrain.py config/medmnist_tiny.py            # real MedMNIST + chest X-ray images
     torchrun --standalone --nproc_per_node=8 pretrain.py config/omnirad_vits14.py --train_data="('/data/radimagenet',)"
     torchrun --standalone --nproc_per_node=8 pretrain.py config/raddino_vitb14.py --init_from=dinov2_vitb14_pretrain.pth
 
-A student ViT sees every crop of an image (its global crops partly masked); the teacher, an
-exponential moving average of the student, sees the unmasked global crops. Both carry a DINO head
-that maps features to K prototype scores. The student learns to predict the teacher's
-(Sinkhorn-Knopp or centred) assignment of the *other* global crop from each crop's CLS token (DINO),
-the teacher's assignment of each masked patch from the student's patch token (iBOT), while KoLeo
-spreads the student's CLS features over the sphere.
+A student ViT sees every crop of an image (its global crops partly masked); the teacher, an exponential
+moving average of the student, sees the unmasked global crops. Both carry a DINO head mapping features to
+K prototype scores. The student learns to predict the teacher's (Sinkhorn-Knopp or centred) assignment of
+the *other* global crop from each crop's CLS token (DINO) and of each masked patch from its patch token
+(iBOT), while KoLeo spreads the student's CLS features over the sphere.
 
-Continual pretraining (`init_from=`): the heads start random while the backbone is good, and random
-heads send large meaningless gradients into it (dinov2 #204: k-NN 80 % -> 10 %). So by default the
-heads train alone for `head_warmup_iters` before the backbone unfreezes with its own lr warm-up, a
-k-NN guard rail keeps the best checkpoint and stops when the score falls `rollback_drop` below it,
-and each evaluation prints how far the backbone has drifted from where it started.
-
-Outputs under out_dir: ckpt.safetensors (latest, everything needed to resume exactly; JSON beside),
-best.safetensors (best k-NN score), teacher_backbone.safetensors (nanorad format, for the other
-scripts), hf/ (HuggingFace Dinov2 folder), dino_head.safetensors (DINOv2 head format, for the next
-continual run's `init_head_from=`), log.jsonl and results.json.
+Continual pretraining (`init_from=`): random heads send large meaningless gradients into a good backbone
+(dinov2 #204: k-NN 80 % -> 10 %), so the heads first train alone for `head_warmup_iters`, and a k-NN guard
+rail keeps best.safetensors and stops when the score falls `rollback_drop` below its best. Outputs in
+out_dir: ckpt.safetensors (resumes exactly), best.safetensors, teacher_backbone.safetensors, hf/,
+dino_head.safetensors, log.jsonl, results.json.
 """
 import copy
 import json
@@ -39,19 +32,18 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 import kernels
-from checkpoint import checkpoint_state_or_none, load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, load_init_backbone, save_checkpoint
 from data import (BatchedDinoAugmentation, MaskedCollate, MultiCropDataset, SourceImageDataset, StepBatchSampler,
                   auto_source_px, eval_tensors, item_seed, open_images)
 from distributed import (all_reduce_sum, average_gradients, gather_rows_keep_local_grad, rank, same_on_all_ranks,
                          world_size)
-from metrics import knn_predict, linear_cka
-from model import (DINOHead, ViT, ViTConfig, export_hf, load_backbone, load_dino_head, load_state_strict,
-                   save_backbone, save_json_atomic, save_safetensors_atomic, vit_config)
+from metrics import backbone_drift, entropy, format_drift, head_information, knn_predict, view_correlation
+from model import (DINOHead, ViT, backbone_features, export_hf, head_shape, load_dino_head, save_backbone,
+                   save_json_atomic, save_safetensors_atomic, vit_config)
 from progress import format_duration
-from schedules import cosine_schedule
+from schedules import apply_schedules, build_schedules, param_groups
 
 # -----------------------------------------------------------------------------
 # default config: ViT-tiny/8 at 64 px on the procedural phantoms, a few minutes on a laptop CPU
@@ -147,9 +139,7 @@ compile = False           # torch.compile the backbones
 # -----------------------------------------------------------------------------
 
 
-# ----------------------------------------------------------------------------------------------
-# Losses, exactly as DINOv2 (dinov2/loss/*.py; pinned by ../shared/oracles/dinov2_losses.safetensors)
-# ----------------------------------------------------------------------------------------------
+# ---- Losses, exactly as DINOv2 (dinov2/loss/*.py; pinned by ../shared/oracles/dinov2_losses.safetensors) ----
 
 def dino_loss(student_logits_chunks, teacher_probs_chunks, student_temp=0.1):
     """DINOLoss.forward: sum over every (student chunk, teacher chunk) pair of the batch-mean
@@ -205,9 +195,7 @@ def teacher_targets(logits, temp, method, center, n_total, momentum=0.9):
     return probs
 
 
-# ----------------------------------------------------------------------------------------------
-# Student and teacher
-# ----------------------------------------------------------------------------------------------
+# ---- Student and teacher -----------------------------------------------------------------------------------
 
 def build_heads(embed_dim, n_prototypes, hidden_dim, bottleneck_dim, nlayers, separate_ibot, ibot_n_prototypes):
     heads = {"dino_head": DINOHead(embed_dim, n_prototypes, hidden_dim, bottleneck_dim, nlayers)}
@@ -230,104 +218,12 @@ def compile_backbones(student, teacher):
         net["backbone"].compile()
 
 
-def head_shape(head):
-    """DINOHead constructor arguments read back from its weights."""
-    linears = [m for m in head.mlp if isinstance(m, nn.Linear)]
-    return dict(in_dim=linears[0].in_features, out_dim=head.last_layer.weight_v.shape[0],
-                hidden_dim=linears[0].out_features if len(linears) > 1 else 0,
-                bottleneck_dim=head.last_layer.weight_v.shape[1], nlayers=len(linears))
-
-
-def load_init_backbone(path, **config_overrides):
-    """A backbone to continue from: a pretrain.py checkpoint (its teacher, the better network) or
-    anything model.load_backbone reads (official DINOv2 .pth, HF Dinov2, timm, nanorad)."""
-    is_safetensors_file = str(path).endswith(".safetensors") and Path(path).is_file()
-    ckpt_state = checkpoint_state_or_none(path) if is_safetensors_file else None
-    if ckpt_state is None:
-        return load_backbone(path, **config_overrides)
-    backbone = ViT(ViTConfig(**{**ckpt_state["model"]["vit"], **config_overrides}))
-    prefix = "teacher.backbone."
-    load_state_strict(backbone, {k[len(prefix):]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)},
-                      str(path))
-    print(f"init_from: {path}: teacher backbone of a pretrain.py checkpoint (step {ckpt_state['step']})")
-    return backbone
-
-
-# ----------------------------------------------------------------------------------------------
-# Optimizer: DINOv2's parameter groups and schedules
-# ----------------------------------------------------------------------------------------------
-
-def backbone_layer_id(name, depth):
-    """DINOv2's layer index for layer-wise lr decay: embeddings 0, block i -> i + 1, the rest (final
-    norm, registers) depth + 1."""
-    if name.startswith(("pos_embed", "patch_embed", "mask_token", "cls_token")):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return depth + 1
-
-
-def param_groups(student, layerwise_decay, patch_embed_lr_mult):
-    """AdamW groups keyed by (schedule, lr multiplier, wd multiplier), as DINOv2's
-    get_params_groups_with_decay + fuse_params_groups. Schedules: "backbone_lr" for the backbone,
-    "last_layer_lr" for the heads' prototype layers (frozen at first), "lr" for the other head layers.
-    Biases, norms and LayerScale gammas get no weight decay."""
-    depth = len(student["backbone"].blocks)
-    groups = {}
-    for part, module in student.items():
-        for name, p in module.named_parameters():
-            if not p.requires_grad:  # the heads' weight_g stays at 1, as in DINOv2
-                continue
-            lr_mult = 1.0
-            if part == "backbone":
-                lr_mult = layerwise_decay ** (depth + 1 - backbone_layer_id(name, depth))
-                if "patch_embed" in name:
-                    lr_mult *= patch_embed_lr_mult
-                schedule = "backbone_lr"
-            else:
-                schedule = "last_layer_lr" if "last_layer" in name else "lr"
-            wd_mult = 0.0 if (name.endswith(".bias") or "norm" in name or "gamma" in name) else 1.0
-            key = (schedule, lr_mult, wd_mult)
-            group = groups.setdefault(key, {"params": [], "names": [], "schedule": schedule,
-                                            "lr_multiplier": lr_mult, "wd_multiplier": wd_mult})
-            group["params"].append(p)
-            group["names"].append(f"{part}.{name}")
-    return list(groups.values())
-
-
 def build_optimizer(student, layerwise_decay, patch_embed_lr_mult, betas, use_foreach):
     return torch.optim.AdamW(param_groups(student, layerwise_decay, patch_embed_lr_mult), lr=0.0, betas=betas,
                              foreach=use_foreach)
 
 
-def build_schedules(max_iters, lr, min_lr, warmup_iters, weight_decay, weight_decay_end, momentum_teacher,
-                    final_momentum_teacher, warmup_teacher_temp, teacher_temp, teacher_temp_warmup_iters,
-                    freeze_last_layer_iters, head_warmup_iters):
-    """Per-iteration arrays. The heads follow the usual warm-up + cosine from step 0; the backbone's
-    lr is zero during the head warm-up and then gets its own warm-up, so unfreezing is gentle."""
-    head_lr = cosine_schedule(lr, min_lr, max_iters, warmup_iters)
-    last_layer_lr = head_lr.copy()
-    last_layer_lr[:freeze_last_layer_iters] = 0.0
-    return {
-        "lr": head_lr,
-        "last_layer_lr": last_layer_lr,
-        "backbone_lr": cosine_schedule(lr, min_lr, max_iters, warmup_iters, frozen_iters=head_warmup_iters),
-        "wd": cosine_schedule(weight_decay, weight_decay_end, max_iters),
-        "momentum": cosine_schedule(momentum_teacher, final_momentum_teacher, max_iters),
-        "teacher_temp": cosine_schedule(teacher_temp, teacher_temp, max_iters, teacher_temp_warmup_iters,
-                                        start_warmup_value=warmup_teacher_temp),
-    }
-
-
-def apply_schedules(optimizer, values):
-    for group in optimizer.param_groups:
-        group["lr"] = values[group["schedule"]] * group["lr_multiplier"]
-        group["weight_decay"] = values["wd"] * group["wd_multiplier"]
-
-
-# ----------------------------------------------------------------------------------------------
-# One training step
-# ----------------------------------------------------------------------------------------------
+# ---- One training step -------------------------------------------------------------------------------------
 
 def ssl_losses(student, teacher, batch, teacher_temp, centers, *, centering="sinkhorn_knopp", student_temp=0.1,
                center_momentum=0.9, dino_loss_weight=1.0, ibot_loss_weight=1.0, koleo_loss_weight=0.1,
@@ -406,32 +302,6 @@ def ssl_losses(student, teacher, batch, teacher_temp, centers, *, centering="sin
     return losses, monitors
 
 
-def entropy(probs):
-    return -(probs * probs.clamp_min(1e-12).log()).sum(-1)
-
-
-def head_information(probs):
-    """How much the student's DINO prototype assignment says about the image, as a fraction of log K:
-    the mutual information H(mean p) - mean H(p) over the batch, divided by log K. Both of DINO's
-    collapses give 0: every image mapped to the same prototype, or every image to the uniform
-    distribution (the DINO loss then sits at log K while KoLeo alone keeps the backbone's features
-    apart, so feat_std looks healthy). Local to this rank's batch."""
-    probs = probs.float()
-    return float((entropy(probs.mean(0)) - entropy(probs).mean()) / math.log(probs.shape[1]))
-
-
-def view_correlation(a, b):
-    """How much two views of the same images agree beyond what all images share: the correlation of
-    their features (B, D) after removing the batch mean. 1: the views agree; ~0: the augmentation
-    swamps the image. DINO matches views, so it can only sharpen what the views agree on; by a
-    linearised argument, the image-specific part of the head output grows when
-    view_corr * student_temp / teacher_temp > 1 and shrinks into the uniform collapse otherwise.
-    Local to this rank's batch."""
-    mean = torch.cat([a, b]).mean(0)
-    a, b = a - mean, b - mean
-    return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12))
-
-
 def train_step(student, teacher, optimizer, batch, values, centers, clip_grad=3.0, freeze_backbone=False,
                **loss_kwargs):
     """Schedules -> losses -> backward -> gradient all-reduce -> per-module clipping -> AdamW -> EMA.
@@ -461,99 +331,17 @@ def train_step(student, teacher, optimizer, batch, values, centers, clip_grad=3.
     return reduced, monitors
 
 
-def batch_to(batch, device):
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-def export_teacher(teacher, out_dir):
-    """What downstream scripts load: the teacher backbone (nanorad and HF Dinov2 formats) and the
-    DINO head in DINOv2's format (the next continual run's init_head_from=)."""
-    out_dir = Path(out_dir)
-    save_backbone(teacher["backbone"], out_dir / "teacher_backbone.safetensors")
-    export_hf(teacher["backbone"], out_dir / "hf")
-    save_safetensors_atomic(teacher["dino_head"].state_dict(), out_dir / "dino_head.safetensors")
-
-
-# ----------------------------------------------------------------------------------------------
-# Monitoring: k-NN accuracy of the teacher's CLS features, the guard rail, and backbone drift
-# ----------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def backbone_features(backbone, images, device, autocast=nullcontext, batch_size=256):
-    was_training = backbone.training
-    backbone.eval()
-    feats = []
-    for i in range(0, len(images), batch_size):
-        with autocast():
-            feats.append(backbone(images[i:i + batch_size].to(device)).float().cpu())
-    backbone.train(was_training)
-    return torch.cat(feats)
-
-
-def knn_accuracy(backbone, bank, query, n_classes, k, device, autocast=nullcontext):
-    """Top-1 accuracy of DINO's weighted k-NN (probe.knn_predict) on the queries, memory bank = train split."""
-    bank_feats = backbone_features(backbone, bank[0], device, autocast)
-    query_feats = backbone_features(backbone, query[0], device, autocast)
-    probs = knn_predict(bank_feats, bank[1], query_feats, n_classes, k=k, temperature=0.07)
-    return float((probs.argmax(1) == query[1]).float().mean())
-
-
-class GuardRail:
-    """Tracks the best k-NN score. update() says whether this score is a new best (save it) and
-    whether it fell more than rollback_drop below the best (stop)."""
-
-    def __init__(self, rollback_drop=0.0, best_score=-math.inf, best_step=-1):
-        self.rollback_drop, self.best_score, self.best_step = rollback_drop, best_score, best_step
-
-    def update(self, step, score):
-        is_best = score > self.best_score
-        if is_best:
-            self.best_score, self.best_step = score, step
-        stop = bool(self.rollback_drop) and score < self.best_score - self.rollback_drop
-        return is_best, stop
-
-    def state(self):
-        return {"rollback_drop": self.rollback_drop, "best_score": self.best_score, "best_step": self.best_step}
-
-
-def evaluate_and_guard(step, evaluate, guard, save_best):
-    """One evaluation: score it, save the best checkpoint, decide whether to stop. Returns (score, stop)."""
-    score = evaluate()
-    is_best, stop = guard.update(step, score)
+def guard_rail(guard, step, score):
+    """The continual-pretraining guard rail on the teacher's k-NN score: records a new best (the caller
+    saves best.safetensors) and says whether the score fell more than rollback_drop below the best
+    (the caller stops). guard: {"rollback_drop", "best_score", "best_step"}. Returns (is_best, stop)."""
+    is_best = score > guard["best_score"]
     if is_best:
-        save_best()
-    return score, stop
+        guard.update(best_score=score, best_step=step)
+    return is_best, bool(guard["rollback_drop"]) and score < guard["best_score"] - guard["rollback_drop"]
 
 
-@torch.no_grad()
-def drift_report(backbone, initial_state, initial_feats, images, device, autocast=nullcontext):
-    """How far the backbone moved from where the run started: relative L2 distance of the weights
-    per block (and of the embeddings), cosine of the CLS features of a fixed batch, linear CKA."""
-    groups = {}
-    for name, p in backbone.state_dict().items():
-        group = ".".join(name.split(".")[:2]) if name.startswith("blocks.") else (
-            "embed" if name.startswith(("pos_embed", "patch_embed", "cls_token", "mask_token", "register_tokens"))
-            else "norm")
-        diff, ref = groups.get(group, (0.0, 0.0))
-        w0 = initial_state[name].float()
-        groups[group] = (diff + float((p.detach().float().cpu() - w0).pow(2).sum()), ref + float(w0.pow(2).sum()))
-    rel = {g: math.sqrt(d) / max(math.sqrt(r), 1e-12) for g, (d, r) in groups.items()}
-    feats = backbone_features(backbone, images, device, autocast)
-    cos = float(F.cosine_similarity(feats, initial_feats, dim=-1).mean())
-    return {"rel_l2": rel, "feature_cos": cos, "cka": linear_cka(feats.double(), initial_feats.double())}
-
-
-def format_drift(drift):
-    blocks = [v for k, v in sorted((kv for kv in drift["rel_l2"].items() if kv[0].startswith("blocks.")),
-                                   key=lambda kv: int(kv[0].split(".")[1]))]
-    return (f"drift: rel-L2 embed {drift['rel_l2'].get('embed', 0):.3f} blocks "
-            + " ".join(f"{v:.3f}" for v in blocks)
-            + f" norm {drift['rel_l2'].get('norm', 0):.3f} | CLS cos {drift['feature_cos']:.3f} CKA {drift['cka']:.3f}")
-
-
-# ----------------------------------------------------------------------------------------------
-# The run
-# ----------------------------------------------------------------------------------------------
+# ---- The run -----------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
     from config import configure
@@ -665,10 +453,7 @@ if __name__ == "__main__":
     heads = build_heads(backbone.embed_dim, head_n_prototypes, head_hidden_dim, head_bottleneck_dim, head_nlayers,
                         ibot_separate_head, ibot_head_n_prototypes)
     if init_head_from:
-        heads["dino_head"] = load_dino_head(init_head_from)
-        if head_shape(heads["dino_head"])["in_dim"] != backbone.embed_dim:
-            raise ValueError(f"init_head_from={init_head_from}: head input {head_shape(heads['dino_head'])['in_dim']}, "
-                             f"expected the backbone's embed_dim {backbone.embed_dim}")
+        heads["dino_head"] = load_dino_head(init_head_from, in_dim=backbone.embed_dim)
     student = nn.ModuleDict({"backbone": backbone, **heads}).to(device)
     teacher = make_teacher(student)
     initial_backbone = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
@@ -682,12 +467,12 @@ if __name__ == "__main__":
                                 freeze_last_layer_iters, head_warmup_iters)
     model_info = {"vit": asdict(backbone.config), "heads": {k: head_shape(h) for k, h in heads.items()}}
     torch.manual_seed(seed + rank())  # drop-path differs between ranks, as in DINOv2
-    guard = GuardRail(rollback_drop)
+    guard = {"rollback_drop": rollback_drop, "best_score": -math.inf, "best_step": -1}
     history, start_step = [], 0
     if resume:
         state = load_checkpoint(out / "ckpt.safetensors", student, teacher, optimizer, centers)
         start_step, history = state["step"], state["history"]
-        guard = GuardRail(rollback_drop, state["guard"]["best_score"], state["guard"]["best_step"])
+        guard.update(best_score=state["guard"]["best_score"], best_step=state["guard"]["best_step"])
         as_saved = json.loads(json.dumps(config))  # tuples become lists, as in the checkpoint
         changed = {k: (state["config"].get(k), v) for k, v in as_saved.items()
                    if k not in ("resume", "log_interval", "num_workers") and state["config"].get(k) != v}
@@ -717,24 +502,27 @@ if __name__ == "__main__":
 
     def checkpoint_state(step):
         return {"step": step, "samples_seen": step * global_batch, "config": config, "model": model_info,
-                "guard": guard.state(), "history": history, "world_size": world_size()}
+                "guard": dict(guard), "history": history, "world_size": world_size()}
 
     if eval_sets:
         drift_images = eval_sets[1][0][:256]
         initial_feats = backbone_features(teacher["backbone"], drift_images, device, autocast)
 
     def run_eval(step):
-        """k-NN score + drift, logged; saves best.safetensors; True when the guard rail says stop."""
-        bank, query, n_classes = eval_sets
-        score, stop = evaluate_and_guard(
-            step, lambda: same_on_all_ranks(knn_accuracy(teacher["backbone"], bank, query, n_classes, knn_k, device,
-                                                         autocast)), guard,
-            lambda: save_checkpoint(out / "best.safetensors", student, teacher, optimizer, centers, checkpoint_state(step)))
-        drift = drift_report(teacher["backbone"], initial_backbone, initial_feats, drift_images, device, autocast)
+        """The teacher's k-NN accuracy (DINO's weighted k-NN) and drift, logged; the guard rail on the score."""
+        (bank, bank_labels), (query, query_labels), n_classes = eval_sets
+        bank_feats, query_feats, feats = (backbone_features(teacher["backbone"], x, device, autocast)
+                                          for x in (bank, query, drift_images))
+        probs = knn_predict(bank_feats, bank_labels, query_feats, n_classes, k=knn_k, temperature=0.07)
+        score = same_on_all_ranks(float((probs.argmax(1) == query_labels).float().mean()))
+        is_best, stop = guard_rail(guard, step, score)
+        if is_best:
+            save_checkpoint(out / "best.safetensors", student, teacher, optimizer, centers, checkpoint_state(step))
+        drift = backbone_drift(teacher["backbone"].state_dict(), initial_backbone, feats, initial_feats)
         history.append({"step": step, "knn_acc": score, "feature_cos": drift["feature_cos"], "cka": drift["cka"]})
         if master:
-            print(f"eval step {step}: k-NN acc {score:.4f} (best {guard.best_score:.4f} at step {guard.best_step}) | "
-                  + format_drift(drift))
+            print(f"eval step {step}: k-NN acc {score:.4f} (best {guard['best_score']:.4f} at step "
+                  f"{guard['best_step']}) | " + format_drift(drift))
         return stop
 
     # -------------------------------------------------------------------- training
@@ -749,7 +537,7 @@ if __name__ == "__main__":
     for step in range(start_step, max_iters):
         if stopped:
             break
-        batch = batch_to(next(data_iter), device)
+        batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in next(data_iter).items()}
         if augment_on_device:  # drawn from (seed, step, rank): a resumed run makes the same crops, ranks differ
             generator = torch.Generator(device).manual_seed(item_seed(seed, step, rank(), 2))
             batch.update(device_augmentation(batch.pop("images"), generator))
@@ -790,14 +578,16 @@ if __name__ == "__main__":
     if master:
         if stopped == "rollback":
             print(f"GUARD RAIL: k-NN accuracy fell more than {rollback_drop} below its best "
-                  f"{guard.best_score:.4f} (step {guard.best_step}); stopped. The best state is "
+                  f"{guard['best_score']:.4f} (step {guard['best_step']}); stopped. The best state is "
                   f"{out / 'best.safetensors'}: continue from it with init_from= and init_head_from= set to that "
                   f"file and a lower base_lr or a longer head_warmup_iters.")
-        else:
-            export_teacher(teacher, out)
+        else:  # what downstream scripts load, and the DINO head for the next continual run's init_head_from=
+            save_backbone(teacher["backbone"], out / "teacher_backbone.safetensors")
+            export_hf(teacher["backbone"], out / "hf")
+            save_safetensors_atomic(teacher["dino_head"].state_dict(), out / "dino_head.safetensors")
         results = {"config": config, "steps_done": last_ckpt_step, "seconds": elapsed,
                    "first_losses": first_losses, "last_losses": losses, "knn_history": history,
-                   "guard": guard.state(), "stopped": stopped,
+                   "guard": guard, "stopped": stopped,
                    "exports": None if stopped else {"backbone": str(out / "teacher_backbone.safetensors"),
                                                     "hf": str(out / "hf"), "dino_head": str(out / "dino_head.safetensors")}}
         save_json_atomic(results, out / "results.json")

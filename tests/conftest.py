@@ -12,12 +12,17 @@ SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
 
+def shared_dir(name, what):
+    """../shared/<name> beside the repository, or a skip that says where it was looked for."""
+    path = SHARED / name
+    if not path.is_dir():
+        pytest.skip(f"{what} not found at {path} (they live in ../shared/{name} beside the repo)")
+    return path
+
+
 @pytest.fixture(scope="session")
 def oracles_dir():
-    path = SHARED / "oracles"
-    if not path.is_dir():
-        pytest.skip(f"oracle tensors not found at {path} (they live in ../shared/oracles beside the repo)")
-    return path
+    return shared_dir("oracles", "oracle tensors")
 
 
 @pytest.fixture(scope="session")
@@ -28,10 +33,7 @@ def loss_oracle(oracles_dir):
 
 @pytest.fixture(scope="session")
 def data_dir():
-    path = SHARED / "data"
-    if not path.is_dir():
-        pytest.skip(f"real data not found at {path} (it lives in ../shared/data beside the repo)")
-    return path
+    return shared_dir("data", "real data files")
 
 
 @pytest.fixture(autouse=True)
