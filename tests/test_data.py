@@ -715,7 +715,7 @@ def test_batched_color_jitter_gives_color_jitters_numbers_for_the_same_draw(gray
 
 
 def test_batched_grayscale_blur_and_solarize_match_the_per_image_functions():
-    images = torch.rand(4, 3, 24, 24)
+    images = torch.rand(4, 3, 24, 24, generator=torch.Generator().manual_seed(0))
     params = unchanged_view_params(4, 24, 24)
     params["grayscale"][0] = True
     params["blur"][1], params["blur_sigma"][1] = True, 1.3
@@ -726,7 +726,8 @@ def test_batched_grayscale_blur_and_solarize_match_the_per_image_functions():
                 data.gaussian_blur(images[1], sigma=(1.3, 1.3), p=1.0),
                 data.gaussian_blur(images[2], sigma=(0.4, 0.4), p=1.0),
                 data.solarize(images[3], p=1.0)]
-    torch.testing.assert_close(views, data.normalize(torch.stack(expected)), atol=1e-6, rtol=0)
+    # the two blurs sum in different orders: a few float32 ulps, times 1/std (4.4) after normalising
+    torch.testing.assert_close(views, data.normalize(torch.stack(expected)), atol=2e-6, rtol=0)
 
 
 def test_batched_views_differ_between_identical_images_and_repeat_with_the_seed():
