@@ -1,27 +1,22 @@
 """Image captioning with a frozen ViT (OmniRad §3.4, Table 12): ViT patch tokens -> Linear + LayerNorm ->
-Patch Merger (K learned queries) -> BART encoder as input embeddings -> BART decoder. Only the
-projection, the merger and BART train; captions come from beam search; the test split is scored with
-METEOR, BLEU, BLEU-1..4 and ROUGE-L (hand-written in metrics.py, checked against sacrebleu / rouge-score).
+Patch Merger (K learned queries) -> BART encoder (as input embeddings) -> BART decoder. Only the projection,
+the merger and BART train; captions come from beam search, and the test split is scored with METEOR, BLEU,
+BLEU-1..4 and ROUGE-L (metrics.py) beside the constant caption that a model blind to the image would learn.
 
-    python caption.py                                   # tiny ViT + tiny BART on phantoms, CPU, ~2 min
-    python caption.py --data=../shared/data/covid_cxr_captions/captions.csv --init_from=out/pretrain/backbone.safetensors
-    python caption.py config/caption_omnirad.py --data=roco/captions.csv --init_from=omnirad_base.safetensors \\
+    python caption.py                                   # tiny random ViT + tiny BART on phantoms, CPU, ~2 min
+    python caption.py config/caption_covid_cxr.py --init_from=out/pretrain/backbone.safetensors
+    python caption.py config/caption_omnirad.py --data_path=roco/captions.csv --init_from=omnirad_base.safetensors \\
         --bart_init=bart-base/ --tokenizer=bart-base/tokenizer.json
 
-The no-argument defaults are a CPU smoke recipe (tiny models, 3000 phantoms at 64 px, lr 3e-4 with 100
-warm-up steps, batch 32, 18 epochs, K 16); the paper's recipe (ViT-B/14 at 224 px, BART-base, AdamW lr
-5e-5, 20 epochs, effective batch 64, bf16 on CUDA) is config/caption_omnirad.py. Captioning only reads
-what the frozen encoder shows. The random-init ViT's tokens do hold the phantom class (a per-token MLP
-with max pooling reads it at 86% on held-out phantoms; OmniRad's own bridge, Linear + LN + Patch Merger
-with a linear classifier, at 75-86%), but the signal sits in about one patch of 64, so the smoke recipe
-departs from DINOv2/OmniRad init in two documented places: LayerScale 1.0 for the random ViT and
-sharper Patch Merger queries (query_std). With a weak signal the learning rate decides whether the
-decoder learns to read it or settles on the caption prior first (see `lr`). results.json and table.md
-report the constant-caption baseline beside the model's rows. Writes to out_dir: results.json,
-table.md (Table 12's layout), samples.png, captioner.safetensors (+ .json) and tokenizer.json.
+The defaults are a CPU smoke recipe; config/caption_omnirad.py is the paper's (ViT-B/14 at 224 px, BART-base,
+AdamW lr 5e-5, 20 epochs, effective batch 64, bf16 on CUDA). A random ViT shows a phantom's lesion in about one
+patch of 64, so the smoke recipe departs from DINOv2/OmniRad init at layerscale_init and query_std (why: their
+comments below; measurements: RESULTS.md, "Captioning"). Writes to out_dir: results.json, table.md (Table 12's
+layout), samples.png, captioner.safetensors (+ .json) and tokenizer.json.
 """
 import json
 import math
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -31,65 +26,61 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from config import configure
+from data import CaptionDataset, PhantomDataset, center_square, normalize, read_image
 from figures import sample_sheet
 from metrics import caption_metrics, corpus_bleu
+from model import (Bart, Captioner, ViT, bart_config, beam_search, greedy_search, load_backbone, load_bart,
+                   save_json_atomic, save_safetensors_atomic, vit_config)
 from schedules import lr_at  # linear warm-up, then cosine to zero
 
-# ----------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # config: plain globals, overridden by config/*.py files and --key=value
-# ----------------------------------------------------------------------------------------------
-out_dir = "out/caption"
-data = "phantom"             # "phantom", or a CSV / JSONL of image,caption[,split] pairs (ROCO layout);
-                             # image paths are relative to the index file
-image_column = "image"
+# data
+data_path = ""               # "" = phantoms (captions name the lesions); else a CSV / JSONL of image,caption[,split]
+image_column = "image"       # index columns; image paths are relative to the index file
 caption_column = "caption"
-train_split = "train"        # CSV/JSONL: the `split` values used for training and for the results table
+train_split = "train"        # index `split` values to train on and to score in the results table
 test_split = "test"
-phantom_sizes = (3000, 100)  # phantom train, test: phantoms cost nothing, and with 600 the prefix overfits
-                             # (a lesion probe on the frozen tokens: 57% on held-out images vs 74% at 3000)
+phantom_sizes = (3000, 100)  # phantoms (train, test); with fewer the prefix overfits (RESULTS.md, "Captioning")
 img_size = 64                # images are centre-cropped to a square and resized to this
-init_from = ""               # frozen ViT weights, any file model.load_backbone reads; "" = RANDOM INIT
-model_size = "tiny"          # random init only: ViT size and patch
+# model
+init_from = ""               # frozen ViT weights, any file model.load_backbone reads; "" = random init (a baseline)
+model_size = "tiny"          # random-init ViT only: size, patch and LayerScale
 patch_size = 8
-layerscale_init = 1.0        # random init only. DINOv2's 1e-5 makes a random ViT's blocks no-ops, so its
-                             # tokens are LN(linear patch embedding): block 0 and block 11 probe alike.
-                             # At 1.0 (plain ViT) the random blocks mix context into every token
+layerscale_init = 1.0        # DINOv2's 1e-5 leaves a random ViT's blocks no-ops; at 1.0 they mix context into tokens
 bart_size = "tiny"           # "tiny" | "base" | "large" (ignored when bart_init is given)
 bart_init = ""               # HuggingFace BART safetensors file or folder (e.g. facebook/bart-base); "" = random
 tokenizer = ""               # a tokenizer.json (e.g. BART's); "" = train byte-level BPE on the training captions
 bpe_vocab_size = 1000
 n_queries = 16               # K, the Patch Merger's output length (OmniRad: 64)
-query_std = 4.0              # Patch Merger query init: attention logits start with this std. At 1 every
-                             # query averages most patches and the captioner stays at the constant caption
+query_std = 4.0              # Patch Merger query init: at 1 every query averages most patches and misses the lesion
 max_caption_tokens = 64      # training captions are cut to this many tokens, <s> and </s> included
+dropout = 0.0                # random-init BART only (a bart_init keeps its config.json's)
 cache_vit_tokens = True      # the ViT is frozen and sees no augmentation: run it once per image
+# optimisation
 epochs = 18
 batch_size = 32              # effective batch (OmniRad: 64) ...
 micro_batch_size = 32        # ... reached by gradient accumulation over micro batches
-lr = 3e-4                    # OmniRad fine-tunes a pretrained BART at 5e-5; a tiny random BART needs more, and
-                             # more steps. At 1e-3 (12 epochs) the decoder settled on the caption prior before the
-                             # prefix showed it the lesion: 3 of 5 seeds ended at the constant caption (seed 1 still
-                             # did at 24 epochs). At 3e-4 with 18 epochs seeds 0-4 reach five-beam BLEU-4 51.7-56.5
-                             # against its 24.2-28.4
+lr = 3e-4                    # above OmniRad's 5e-5 for a tiny random BART; at 1e-3 it learns the caption prior first
 weight_decay = 0.01
-warmup_steps = 100           # BART is post-norm: at lr 1e-3 with 20 warm-up steps its encoder stopped passing
-                             # the image on (a class probe through it stayed at chance; 100 steps: 53%)
-dropout = 0.0                # random-init BART only (a bart_init keeps its config.json's, 0.1 for BART)
+warmup_steps = 100           # BART is post-norm: with a short warm-up its encoder stops passing the image on
 grad_clip = 1.0
+# evaluation
 beams = (1, 3, 5)            # the results table: every beams x max_tokens pair (OmniRad: 5 beams, 64 tokens)
 max_tokens = (32, 64)
 length_penalty = 1.0
 n_samples = 8                # images on the sample sheet
+# system / output
+out_dir = "out/caption"
 seed = 0
 device = "cuda" if torch.cuda.is_available() else "cpu"
+# -----------------------------------------------------------------------------
+
+SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]  # BART's ids: bos 0, pad 1, eos 2, unk 3
 
 
-# ----------------------------------------------------------------------------------------------
-# Tokenizer: byte-level BPE with BART's special tokens, or a given tokenizer.json
-# ----------------------------------------------------------------------------------------------
-
-SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]  # BART's ids: bos 0, pad 1, eos 2, unk 3 (a list: not a config key)
-
+# tokenizer: byte-level BPE with BART's special tokens, or a given tokenizer.json
 
 def train_tokenizer(captions, vocab_size):
     """Byte-level BPE (as GPT-2 / BART) trained on `captions`; special tokens take ids 0..3 as in BART."""
@@ -135,9 +126,7 @@ def decode_captions(tok, sequences):
     return [tok.decode(seq.tolist(), skip_special_tokens=True).strip() for seq in sequences]
 
 
-# ----------------------------------------------------------------------------------------------
-# Data: phantoms (captions describe the lesions), or an image/caption index
-# ----------------------------------------------------------------------------------------------
+# data: phantoms, or an image/caption index
 
 def read_jsonl_pairs(path, split, image_column, caption_column):
     """Rows {image, caption[, split]} of a JSONL index, image paths resolved beside the file."""
@@ -161,27 +150,36 @@ def read_jsonl_pairs(path, split, image_column, caption_column):
     return rows
 
 
-def load_pairs(split, n_phantoms):
-    """[(image (3,S,S) in [0,1], caption)] of one split of the configured data."""
-    import data as datasets  # the module name `data` is taken by the config global
-
+def load_pairs(data_path, split, n_phantoms, img_size, seed, image_column="image", caption_column="caption"):
+    """(images (3,S,S) in [0,1], captions) of one split: n_phantoms phantoms when data_path is "",
+    else the rows of a CSV or JSONL index."""
     def square(img):
-        return datasets.center_square(img, img_size)
+        return center_square(img, img_size)
 
-    if data == "phantom":
-        items = datasets.PhantomDataset(n_phantoms, img_size=img_size, seed=seed, split=split)
-        return [(item["image"], item["caption"]) for item in items]
-    if data.endswith(".jsonl"):
-        return [(square(datasets.read_image(row["image"])), row["caption"])
-                for row in read_jsonl_pairs(data, split, image_column, caption_column)]
-    items = datasets.CaptionDataset(data, split, transform=square, image_column=image_column,
-                                    caption_column=caption_column)
-    return [(item["image"], item["caption"]) for item in items]
+    if not data_path:
+        items = PhantomDataset(n_phantoms, img_size=img_size, seed=seed, split=split)
+    elif data_path.endswith(".jsonl"):
+        items = [{"image": square(read_image(row["image"])), "caption": row["caption"]}
+                 for row in read_jsonl_pairs(data_path, split, image_column, caption_column)]
+    else:
+        items = CaptionDataset(data_path, split, transform=square, image_column=image_column,
+                               caption_column=caption_column)
+    items = [(item["image"], item["caption"]) for item in items]
+    return [img for img, _ in items], [caption for _, caption in items]
 
 
-# ----------------------------------------------------------------------------------------------
-# Training and evaluation
-# ----------------------------------------------------------------------------------------------
+# training and evaluation
+
+@torch.no_grad()
+def frozen_vit_tokens(model, images, device, autocast, batch=64):
+    """The frozen ViT's patch tokens (N, T, Dv), float32 on the CPU, for a list of images in [0,1]."""
+    chunks = []
+    for i in range(0, len(images), batch):
+        x = normalize(torch.stack(images[i:i + batch])).to(device)
+        with autocast:
+            chunks.append(model.vit_tokens(x).float().cpu())
+    return torch.cat(chunks)
+
 
 def caption_loss(model, vit_tokens, decoder_input_ids, labels):
     """Mean next-token cross entropy over the caption tokens (OmniRad's L_cap)."""
@@ -190,10 +188,20 @@ def caption_loss(model, vit_tokens, decoder_input_ids, labels):
 
 
 @torch.no_grad()
-def generate_captions(model, tok, vit_tokens, num_beams, max_length, batch=32):
+def mean_caption_loss(model, vit_tokens, token_lists, batch, pad_id, decoder_start_id, device, autocast):
+    """caption_loss averaged over batches of `batch` captions (the test loss of every epoch)."""
+    losses = []
+    for idx in torch.arange(len(token_lists)).split(batch):
+        dec_in, labels = teacher_forcing_batch([token_lists[i] for i in idx], pad_id, decoder_start_id)
+        with autocast:
+            losses.append(caption_loss(model, vit_tokens[idx].to(device), dec_in.to(device), labels.to(device)).item())
+    return sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def generate_captions(model, tok, vit_tokens, num_beams, max_length, length_penalty, device, batch=32):
     """Captions for cached ViT tokens (N, T, Dv); greedy when num_beams is 1 (beam search with one
-    beam is the same search)."""
-    from model import beam_search, greedy_search
+    beam is the same search, only slower)."""
     texts = []
     for i in range(0, len(vit_tokens), batch):
         states = model.encode_tokens(vit_tokens[i:i + batch].to(device))
@@ -224,42 +232,36 @@ def format_table(rows, encoder_name, baseline):
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------
-# the run
-# ----------------------------------------------------------------------------------------------
 if __name__ == "__main__":
-    import sys
-    from config import configure
     config = configure(globals())
 
-    import model as M
-    from data import normalize
-
-    # -------------------------------------------------------------------- checks
-    t_start = time.time()
+    # checks: bad settings fail here, before any work
     if batch_size % micro_batch_size:
-        raise ValueError(f"batch_size {batch_size} must be a multiple of micro_batch_size {micro_batch_size}")
-    if data != "phantom" and not Path(data).is_file():
-        raise FileNotFoundError(f"data: '{data}' is neither 'phantom' nor an existing CSV/JSONL index")
-    for key, path in (("init_from", init_from), ("bart_init", bart_init), ("tokenizer", tokenizer)):
-        if path and not Path(path).exists():
-            raise FileNotFoundError(f"{key}: '{path}' does not exist")
+        raise ValueError(f"batch_size: expected a multiple of micro_batch_size {micro_batch_size}, found {batch_size}")
+    if len(phantom_sizes) != 2:
+        raise ValueError(f"phantom_sizes: expected (train, test), found {phantom_sizes}")
+    for key, path in (("data_path", data_path), ("init_from", init_from), ("bart_init", bart_init),
+                      ("tokenizer", tokenizer)):
+        if path and not Path(path).exists():  # the loaders check too, but only after the data is loaded
+            raise FileNotFoundError(f"{key}: expected an existing file or folder, found '{path}'")
     if bart_init and not tokenizer:
-        raise ValueError("bart_init needs the checkpoint's own tokenizer: give --tokenizer=.../tokenizer.json")
+        raise ValueError(f"tokenizer: expected bart_init's own tokenizer.json (bart_init={bart_init}), found ''")
+    t_start = time.time()
     torch.manual_seed(seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # OmniRad's mixed precision on CUDA; float32 on the CPU
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
-    print(f"caption.py: device {device}, data {data}, out_dir {out}")
+    print(f"caption.py: device {device}, data {data_path or 'phantoms'}, out_dir {out}")
 
-    # -------------------------------------------------------------------- data
-    train_pairs = load_pairs(train_split, phantom_sizes[0])
-    test_pairs = load_pairs(test_split, phantom_sizes[1])
-    train_captions = [c for _, c in train_pairs]
-    test_captions = [c for _, c in test_pairs]
-    print(f"data: {len(train_pairs)} train / {len(test_pairs)} test pairs at {img_size} px")
+    # data
+    train_images, train_captions = load_pairs(data_path, train_split, phantom_sizes[0], img_size, seed,
+                                              image_column, caption_column)
+    test_images, test_captions = load_pairs(data_path, test_split, phantom_sizes[1], img_size, seed,
+                                            image_column, caption_column)
+    print(f"data: {len(train_images)} train / {len(test_images)} test pairs at {img_size} px")
 
-    # -------------------------------------------------------------------- tokenizer
+    # tokenizer
     if tokenizer:
         tok = Tokenizer.from_file(tokenizer)
         print(f"tokenizer: {tokenizer} ({tok.get_vocab_size()} tokens)")
@@ -268,87 +270,61 @@ if __name__ == "__main__":
         print(f"tokenizer: byte-level BPE trained on the training captions ({tok.get_vocab_size()} tokens)")
     ids = special_token_ids(tok, tokenizer or "trained BPE")
     tok.save(str(out / "tokenizer.json"))
-
-    # -------------------------------------------------------------------- model
-    if init_from:
-        vit = M.load_backbone(init_from)
-    else:
-        vit = M.ViT(M.vit_config(model_size, patch_size=patch_size, img_size=img_size, layerscale_init=layerscale_init))
-        print(f"ViT: RANDOM INIT ({model_size}, patch {patch_size}, LayerScale {layerscale_init}) -- a baseline, "
-              "not a pretrained encoder")
-    if bart_init:
-        bart = M.load_bart(bart_init)
-        if tok.get_vocab_size() > bart.config.vocab_size:
-            raise ValueError(f"tokenizer {tokenizer} has {tok.get_vocab_size()} tokens but BART {bart_init} "
-                             f"only {bart.config.vocab_size} embeddings")
-    else:
-        bart = M.Bart(M.bart_config(bart_size, vocab_size=tok.get_vocab_size(), dropout=dropout,
-                                    max_position_embeddings=max(n_queries, max(max_tokens), max_caption_tokens), **ids))
-    for name, value in ids.items():
-        if getattr(bart.config, name) != value:
-            raise ValueError(f"tokenizer {name}={value} but BART config has {getattr(bart.config, name)}")
-    model = M.Captioner(vit, bart, n_queries, query_std).to(device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    print(f"model: ViT {sum(p.numel() for p in vit.parameters()):,} params (frozen), trainable "
-          f"{sum(p.numel() for p in trainable):,} (projection + merger + BART d={bart.config.d_model})")
-
-    # -------------------------------------------------------------------- frozen ViT tokens
-    @torch.no_grad()
-    def vit_tokens_of(pairs):
-        chunks = []
-        for i in range(0, len(pairs), 64):
-            images = normalize(torch.stack([img for img, _ in pairs[i:i + 64]])).to(device)
-            with amp:
-                chunks.append(model.vit_tokens(images).float().cpu())
-        return torch.cat(chunks)
-
-    test_tokens = vit_tokens_of(test_pairs)
-    train_tokens = vit_tokens_of(train_pairs) if cache_vit_tokens else None
     train_ids = [caption_ids(tok, c, max_caption_tokens, ids) for c in train_captions]
     test_ids = [caption_ids(tok, c, max_caption_tokens, ids) for c in test_captions]
 
-    # -------------------------------------------------------------------- training
+    # model: frozen ViT -> projection + Patch Merger -> BART
+    if init_from:
+        vit = load_backbone(init_from)
+    else:
+        vit = ViT(vit_config(model_size, patch_size=patch_size, img_size=img_size, layerscale_init=layerscale_init))
+        print(f"ViT: RANDOM INIT ({model_size}, patch {patch_size}, LayerScale {layerscale_init}) -- a baseline, "
+              "not a pretrained encoder")
+    if bart_init:
+        bart = load_bart(bart_init)
+        if tok.get_vocab_size() > bart.config.vocab_size:
+            raise ValueError(f"tokenizer: expected at most BART's {bart.config.vocab_size} embeddings "
+                             f"({bart_init}), found {tok.get_vocab_size()} tokens in {tokenizer}")
+    else:
+        bart = Bart(bart_config(bart_size, vocab_size=tok.get_vocab_size(), dropout=dropout,
+                                max_position_embeddings=max(n_queries, max(max_tokens), max_caption_tokens), **ids))
+    for name, value in ids.items():
+        if getattr(bart.config, name) != value:
+            raise ValueError(f"tokenizer: expected {name}={getattr(bart.config, name)} (BART's config), found {value}")
+    model = Captioner(vit, bart, n_queries, query_std).to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    pad_id, start_id = ids["pad_token_id"], bart.config.decoder_start_token_id
+    print(f"model: ViT {sum(p.numel() for p in vit.parameters()):,} params (frozen), trainable "
+          f"{sum(p.numel() for p in trainable):,} (projection + merger + BART d={bart.config.d_model})")
+
+    # the frozen ViT's tokens, computed once
+    test_tokens = frozen_vit_tokens(model, test_images, device, amp)
+    train_tokens = frozen_vit_tokens(model, train_images, device, amp) if cache_vit_tokens else None
+
+    # training
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, fused=device == "cuda")
-    accum = batch_size // micro_batch_size
-    steps_per_epoch = math.ceil(len(train_pairs) / batch_size)
+    steps_per_epoch = math.ceil(len(train_images) / batch_size)
     total_steps = epochs * steps_per_epoch
     generator = torch.Generator().manual_seed(seed)
-    step, t_train = 0, time.time()
-    print(f"training: {epochs} epochs x {steps_per_epoch} steps, batch {batch_size} = {accum} x {micro_batch_size}")
-
-    def batch_tensors(indices, token_ids, tokens_cache, pairs):
-        if tokens_cache is not None:
-            vit_in = tokens_cache[indices].to(device)
-        else:
-            vit_in = vit_tokens_of([pairs[i] for i in indices]).to(device)
-        dec_in, labels = teacher_forcing_batch([token_ids[i] for i in indices], ids["pad_token_id"],
-                                               bart.config.decoder_start_token_id)
-        return vit_in, dec_in.to(device), labels.to(device)
-
-    @torch.no_grad()
-    def test_loss():
-        model.eval()
-        losses = []
-        for i in range(0, len(test_pairs), micro_batch_size):
-            idx = torch.arange(i, min(i + micro_batch_size, len(test_pairs)))
-            with amp:
-                losses.append(caption_loss(model, *batch_tensors(idx, test_ids, test_tokens, test_pairs)).item())
-        model.train()
-        return sum(losses) / len(losses)
-
+    print(f"training: {epochs} epochs x {steps_per_epoch} steps, batch {batch_size} = "
+          f"{batch_size // micro_batch_size} x {micro_batch_size}")
+    step, history, t_train = 0, [], time.time()
     model.train()
-    history = []
     for epoch in range(epochs):
-        order = torch.randperm(len(train_pairs), generator=generator)
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
+        for batch in torch.randperm(len(train_images), generator=generator).split(batch_size):
+            step_lr = lr_at(step, total_steps, warmup_steps, lr)
             for g in optimizer.param_groups:
-                g["lr"] = lr_at(step, total_steps, warmup_steps, lr)
+                g["lr"] = step_lr
             loss_sum = 0.0
             for micro in batch.split(micro_batch_size):
+                if cache_vit_tokens:
+                    vit_in = train_tokens[micro]
+                else:
+                    vit_in = frozen_vit_tokens(model, [train_images[i] for i in micro], device, amp)
+                dec_in, labels = teacher_forcing_batch([train_ids[i] for i in micro], pad_id, start_id)
                 with amp:
-                    loss = caption_loss(model, *batch_tensors(micro, train_ids, train_tokens, train_pairs))
-                (loss * len(micro) / len(batch)).backward()
+                    loss = caption_loss(model, vit_in.to(device), dec_in.to(device), labels.to(device))
+                (loss * len(micro) / len(batch)).backward()  # the mean over the whole batch
                 loss_sum += loss.item() * len(micro) / len(batch)
             torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
             optimizer.step()
@@ -356,49 +332,52 @@ if __name__ == "__main__":
             step += 1
             if step % 10 == 0 or step == total_steps:
                 elapsed = time.time() - t_train
-                print(f"step {step}/{total_steps} epoch {epoch + 1} loss {loss_sum:.4f} lr {lr_at(step - 1, total_steps, warmup_steps, lr):.2e} "
+                print(f"step {step}/{total_steps} epoch {epoch + 1} loss {loss_sum:.4f} lr {step_lr:.2e} "
                       f"{step * batch_size / elapsed:.0f} img/s ETA {elapsed / step * (total_steps - step):.0f}s")
-        history.append({"epoch": epoch + 1, "train_loss": loss_sum, "test_loss": test_loss()})
-        print(f"epoch {epoch + 1}: last train loss {loss_sum:.4f}, test loss {history[-1]['test_loss']:.4f}")
+        model.eval()
+        test_loss = mean_caption_loss(model, test_tokens, test_ids, micro_batch_size, pad_id, start_id, device, amp)
+        model.train()
+        history.append({"epoch": epoch + 1, "train_loss": loss_sum, "test_loss": test_loss})
+        print(f"epoch {epoch + 1}: last train loss {loss_sum:.4f}, test loss {test_loss:.4f}")
     train_s = time.time() - t_train
     model.eval()
 
-    # -------------------------------------------------------------------- checkpoint
-    state = model.state_dict()  # the frozen ViT too, so that a random-init run can be reproduced
+    # checkpoint: the frozen ViT too, so that a random-init run can be reproduced
     meta = {"vit_config": json.dumps(asdict(vit.config)), "bart_config": json.dumps(asdict(bart.config)),
             "n_queries": str(n_queries), "init_from": init_from or "random"}
-    M.save_safetensors_atomic(state, out / "captioner.safetensors", meta)
-    M.save_json_atomic({"format": "nanorad-captioner", **{k: json.loads(v) if k.endswith("config") else v
-                                                          for k, v in meta.items()}}, out / "captioner.safetensors.json")
+    save_safetensors_atomic(model.state_dict(), out / "captioner.safetensors", meta)
+    save_json_atomic({"format": "nanorad-captioner", **{k: json.loads(v) if k.endswith("config") else v
+                                                        for k, v in meta.items()}}, out / "captioner.safetensors.json")
 
-    # -------------------------------------------------------------------- evaluation
+    # evaluation: every beams x max_tokens pair, and the constant caption
     t_eval = time.time()
     table = []
     for num_beams in beams:
         for max_len in max_tokens:
-            hyps = generate_captions(model, tok, test_tokens, num_beams, max_len)
-            table.append({"beams": num_beams, "max_tokens": max_len, **caption_metrics(hyps, test_captions)})
-            print(f"beams {num_beams} max_tokens {max_len}: " + " ".join(f"{k} {v:.2f}" for k, v in table[-1].items()
-                                                                        if k not in ("beams", "max_tokens")))
+            hyps = generate_captions(model, tok, test_tokens, num_beams, max_len, length_penalty, device)
+            scores = caption_metrics(hyps, test_captions)
+            table.append({"beams": num_beams, "max_tokens": max_len, **scores})
+            print(f"beams {num_beams} max_tokens {max_len}: " + " ".join(f"{k} {v:.2f}" for k, v in scores.items()))
     constant = constant_caption_baseline(train_captions)
     baseline = {"caption": constant, **caption_metrics([constant] * len(test_captions), test_captions)}
     print(f"constant-caption baseline '{constant}': BLEU-4 {baseline['BLEU-4']:.2f} METEOR {baseline['METEOR']:.2f}")
     eval_s = time.time() - t_eval
 
-    # -------------------------------------------------------------------- results
-    best_beams = 5 if 5 in beams else beams[-1]
-    samples = generate_captions(model, tok, test_tokens[:n_samples], best_beams, max(max_tokens))
-    sample_sheet([img for img, _ in test_pairs[:n_samples]], samples, test_captions[:n_samples], out / "samples.png")
+    # results
+    best_beams = 5 if 5 in beams else beams[-1]  # OmniRad's setting for the samples
+    samples = generate_captions(model, tok, test_tokens[:n_samples], best_beams, max(max_tokens), length_penalty,
+                                device)
+    sample_sheet(test_images[:n_samples], samples, test_captions[:n_samples], out / "samples.png")
     encoder_name = Path(init_from).stem if init_from else f"random-init ViT-{model_size}"
     markdown = format_table(table, encoder_name, baseline)
     (out / "table.md").write_text(markdown + "\n")
     results = {"config": config, "table": table, "constant_baseline": baseline, "history": history,
                "samples": [{"generated": g, "reference": r} for g, r in zip(samples, test_captions[:n_samples])],
-               "n_train": len(train_pairs), "n_test": len(test_pairs), "device": device,
+               "n_train": len(train_images), "n_test": len(test_images), "device": device,
                "torch_threads": torch.get_num_threads(),
                "train_seconds": train_s, "eval_seconds": eval_s, "total_seconds": time.time() - t_start,
                "command": " ".join(sys.argv)}
-    M.save_json_atomic(results, out / "results.json")
+    save_json_atomic(results, out / "results.json")
     print(markdown)
     print(f"done in {time.time() - t_start:.0f}s (train {train_s:.0f}s, eval {eval_s:.0f}s); wrote {out}/results.json, "
           f"table.md, samples.png, captioner.safetensors, tokenizer.json")

@@ -1,7 +1,7 @@
 # covid_cxr_captions: 134 chest X-ray / CT images with clinical notes (117 train / 4 val / 13 test
 # images, split by patient). A small real set that shows the pipeline works on real reports, not a
 # benchmark. Compare encoders with --init_from (e.g. out/pretrain/teacher_backbone.safetensors).
-data = "../shared/data/covid_cxr_captions/captions.csv"
+data_path = "../shared/data/covid_cxr_captions/captions.csv"
 out_dir = "out/caption_covid_cxr"
 img_size = 64
 epochs = 30

@@ -1,7 +1,7 @@
 # OmniRad §3.4 / Table 12: frozen OmniRad-base (ViT-B/14) -> Linear + LayerNorm -> Patch Merger (K=64)
 # -> BART-base, trained 20 epochs with AdamW at 5e-5, effective batch 64, mixed precision; beam search
 # with 5 beams and 64 tokens. Give the encoder, the BART weights and BART's tokenizer:
-#   python caption.py config/caption_omnirad.py --data=roco/captions.csv \
+#   python caption.py config/caption_omnirad.py --data_path=roco/captions.csv \
 #       --init_from=omnirad_base.safetensors --bart_init=bart-base/ --tokenizer=bart-base/tokenizer.json
 # (without bart_init, BART-base starts random and the BPE tokenizer is trained on the captions)
 out_dir = "out/caption_omnirad"

@@ -56,7 +56,8 @@ def test_load_bart_reads_hf_files_with_and_without_config_json(bart_oracle, tmp_
     bare = tmp_path / "bare.safetensors"
     save_file({k: v for k, v in weights.items() if k != "lm_head.weight"}, str(bare))  # tied copy left out
     heads = meta["config"]["encoder_attention_heads"]
-    for model in (load_bart(with_config), load_bart(bare, encoder_attention_heads=heads, decoder_attention_heads=heads)):
+    without_config = load_bart(bare, encoder_attention_heads=heads, decoder_attention_heads=heads)
+    for model in (load_bart(with_config), without_config):
         states = model.eval().encode(tensors["input.inputs_embeds"])
         logits = model.decode(tensors["input.decoder_input_ids"], states, tensors["input.decoder_attention_mask"])
         assert (logits - tensors["out.logits"]).abs().max() < TOL
@@ -166,7 +167,8 @@ def test_only_projection_merger_and_bart_train_the_vit_stays_bit_identical():
     F.cross_entropy(logits.flatten(0, 1), torch.randint(0, 40, (12,))).backward()
     optimizer.step()
     assert all(p.grad is None for p in model.vit.parameters())
-    trained = {name.split(".")[0] for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    trained = {name.split(".")[0] for name, p in model.named_parameters()
+               if p.grad is not None and p.grad.abs().sum() > 0}
     assert trained == {"prefix", "bart"}
     for part in ("prefix.proj.weight", "prefix.norm.weight", "prefix.queries"):
         assert dict(model.named_parameters())[part].grad.abs().sum() > 0, part
@@ -240,7 +242,8 @@ def test_default_run_captions_phantoms_well_above_the_constant_caption(tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads((tmp_path / "results.json").read_text())
     five_beams = next(row for row in results["table"] if row["beams"] == 5 and row["max_tokens"] == 64)
-    assert five_beams["BLEU-4"] > 1.5 * results["constant_baseline"]["BLEU-4"], (five_beams, results["constant_baseline"])
+    baseline = results["constant_baseline"]
+    assert five_beams["BLEU-4"] > 1.5 * baseline["BLEU-4"], (five_beams, baseline)
     assert (tmp_path / "samples.png").stat().st_size > 0 and (tmp_path / "table.md").exists()
 
 
@@ -272,13 +275,38 @@ def test_default_random_vit_blocks_change_the_tokens_but_dinov2_layerscale_leave
 
     def distance_from_patch_embedding(layerscale_init):
         torch.manual_seed(0)
-        vit = ViT(vit_config(C.arch, patch_size=C.patch_size, img_size=64, layerscale_init=layerscale_init)).eval()
+        config = vit_config(C.model_size, patch_size=C.patch_size, img_size=64, layerscale_init=layerscale_init)
+        vit = ViT(config).eval()
         tokens = vit.forward_features(images)["x_norm_patchtokens"]
         embedded = vit.norm(vit.prepare_tokens(images))[:, 1:]
         return (tokens - embedded).norm() / embedded.norm()
 
     assert distance_from_patch_embedding(1e-5) < 0.01
     assert distance_from_patch_embedding(C.layerscale_init) > 0.3
+
+
+# ---------------------------------------------------------------------------- data and checks
+
+def test_csv_and_jsonl_indexes_give_the_same_square_pairs_of_a_split(tmp_path):
+    from PIL import Image
+    rows = [(f"{i}.png", f"caption {i}", "train" if i < 2 else "test") for i in range(3)]
+    for i, (image, _, _) in enumerate(rows):
+        Image.new("L", (30, 40), 60 * i).save(tmp_path / image)  # not square: centre-cropped, then resized
+    (tmp_path / "index.csv").write_text("image,caption,split\n" + "".join(f"{i},{c},{s}\n" for i, c, s in rows))
+    (tmp_path / "index.jsonl").write_text("".join(json.dumps({"image": i, "caption": c, "split": s}) + "\n"
+                                                  for i, c, s in rows))
+    csv_images, csv_captions = C.load_pairs(str(tmp_path / "index.csv"), "train", 0, 16, 0)
+    jsonl_images, jsonl_captions = C.load_pairs(str(tmp_path / "index.jsonl"), "train", 0, 16, 0)
+    assert csv_captions == jsonl_captions == ["caption 0", "caption 1"]
+    assert [tuple(img.shape) for img in csv_images] == [(3, 16, 16)] * 2
+    assert all(torch.equal(a, b) for a, b in zip(csv_images, jsonl_images))
+
+
+def test_a_missing_data_path_fails_before_any_work_naming_the_key(tmp_path):
+    result = run_stage("caption.py", f"--out_dir={tmp_path / 'out'}", "--data_path=missing.csv")
+    assert result.returncode != 0
+    assert "data_path: expected an existing file" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------- tokenizer
