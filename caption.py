@@ -75,6 +75,9 @@ n_samples = 8                # images on the sample sheet
 out_dir = "out/caption"
 seed = 0
 device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast: "bfloat16" (OmniRad) or "float32" (off)
+cpu_threads = 0              # torch threads on a CPU (0 = torch's default)
+log_interval = 10            # steps between progress lines
 # -----------------------------------------------------------------------------
 
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]  # BART's ids: bos 0, pad 1, eos 2, unk 3
@@ -244,14 +247,17 @@ if __name__ == "__main__":
                       ("tokenizer", tokenizer)):
         if path and not Path(path).exists():  # the loaders check too, but only after the data is loaded
             raise FileNotFoundError(f"{key}: expected an existing file or folder, found '{path}'")
+    if dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"dtype: expected 'bfloat16' or 'float32', found {dtype!r}")
     if bart_init and not tokenizer:
         raise ValueError(f"tokenizer: expected bart_init's own tokenizer.json (bart_init={bart_init}), found ''")
     t_start = time.time()
     torch.manual_seed(seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # OmniRad's mixed precision on CUDA; float32 on the CPU
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    if device == "cpu" and cpu_threads:
+        torch.set_num_threads(cpu_threads)
+    amp = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     print(f"caption.py: device {device}, data {data_path or 'phantoms'}, out_dir {out}")
 
     # data
@@ -330,7 +336,7 @@ if __name__ == "__main__":
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            if step % 10 == 0 or step == total_steps:
+            if step % log_interval == 0 or step == total_steps:
                 elapsed = time.time() - t_train
                 print(f"step {step}/{total_steps} epoch {epoch + 1} loss {loss_sum:.4f} lr {step_lr:.2e} "
                       f"{step * batch_size / elapsed:.0f} img/s ETA {elapsed / step * (total_steps - step):.0f}s")
