@@ -17,7 +17,6 @@ from distributed import distributed, rank, world_size
 from model import ViT, ViTConfig, load_backbone, load_state_strict, save_json_atomic, save_safetensors_atomic
 
 
-
 def rng_states():
     """This process's random states: torch CPU (and CUDA) generators, numpy, python."""
     numpy_state = np.random.get_state()

@@ -7,7 +7,6 @@ import torch
 import torch.distributed as dist
 
 
-
 def distributed():
     return dist.is_available() and dist.is_initialized()
 

@@ -139,6 +139,17 @@ def rank_slice(batch, r, world):
             "masks": batch["masks"][rows(2)]}
 
 
+def tiny_training_state(student=None, teacher=None):
+    """What train_step needs, with every lr > 0 (the prototypes included): (student, teacher,
+    optimizer, centers, schedule values for one step)."""
+    student = student or tiny_student()
+    teacher = teacher or P.make_teacher(student)
+    optimizer = P.build_optimizer(student, 0.9, 0.2, (0.9, 0.999), use_foreach=False)
+    centers = {"dino": torch.zeros(1, K), "ibot": torch.zeros(1, K)}
+    values = {"lr": 1e-3, "last_layer_lr": 1e-3, "backbone_lr": 1e-3, "wd": 0.04, "momentum": 0.99, "teacher_temp": 0.05}
+    return student, teacher, optimizer, centers, values
+
+
 def run_tiny_steps(batches, centering="sinkhorn_knopp", freeze_steps=0, separate_ibot=False, lr=1e-3, warmup=1,
                    student=None):
     """A few train_step calls; returns (per-step losses, student, teacher)."""
@@ -326,10 +337,8 @@ def test_ssl_losses_equal_dinov2s_forward_backward_assembly(centering, separate_
 
 def one_train_step(student, teacher, freeze_backbone, momentum=0.9):
     """One train_step with every lr > 0 (the prototypes included) and a visible momentum."""
-    optimizer = P.build_optimizer(student, 0.9, 0.2, (0.9, 0.999), use_foreach=False)
-    values = {"lr": 1e-3, "last_layer_lr": 1e-3, "backbone_lr": 0.0 if freeze_backbone else 1e-3, "wd": 0.04,
-              "momentum": momentum, "teacher_temp": 0.05}
-    centers = {"dino": torch.zeros(1, K), "ibot": torch.zeros(1, K)}
+    _, _, optimizer, centers, values = tiny_training_state(student, teacher)
+    values.update(momentum=momentum, backbone_lr=0.0 if freeze_backbone else values["backbone_lr"])
     P.train_step(student, teacher, optimizer, tiny_batches(1)[0], values, centers, 3.0,
                  freeze_backbone=freeze_backbone)
 
@@ -373,12 +382,8 @@ def test_head_warmup_leaves_every_backbone_parameter_bit_identical_and_moves_eve
 def gradients_after_one_step(batch):
     """The student's gradients as train_step leaves them, with clipping off and lr 0 so that neither
     the clip nor the optimizer hides their scale."""
-    student = tiny_student()
-    teacher = P.make_teacher(student)
-    optimizer = P.build_optimizer(student, 0.9, 0.2, (0.9, 0.999), use_foreach=False)
-    values = {"lr": 0.0, "last_layer_lr": 0.0, "backbone_lr": 0.0, "wd": 0.0, "momentum": 0.99,
-              "teacher_temp": 0.05}
-    centers = {"dino": torch.zeros(1, K), "ibot": torch.zeros(1, K)}
+    student, teacher, optimizer, centers, values = tiny_training_state()
+    values.update(lr=0.0, last_layer_lr=0.0, backbone_lr=0.0, wd=0.0)
     P.train_step(student, teacher, optimizer, batch, values, centers, clip_grad=0)
     return {k: p.grad.clone() for k, p in student.named_parameters() if p.grad is not None}
 
@@ -475,15 +480,6 @@ def assert_killed_run_resumes_to_the_same_weights(tmp_path, common, n):
     assert f"resumed from {killed_dir / 'ckpt.safetensors'} at step {killed_at}" in resumed.stdout
     assert_same_weights(tmp_path / "full" / "ckpt.safetensors", killed_dir / "ckpt.safetensors")
     return full
-
-
-def tiny_training_state():
-    student = tiny_student()
-    teacher = P.make_teacher(student)
-    optimizer = P.build_optimizer(student, 0.9, 0.2, (0.9, 0.999), use_foreach=False)
-    centers = {"dino": torch.zeros(1, K), "ibot": torch.zeros(1, K)}
-    values = {"lr": 1e-3, "last_layer_lr": 1e-3, "backbone_lr": 1e-3, "wd": 0.04, "momentum": 0.99, "teacher_temp": 0.05}
-    return student, teacher, optimizer, centers, values
 
 
 def test_interrupted_checkpoint_write_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
