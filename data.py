@@ -46,7 +46,7 @@ a batch gets one random draw per call)
     DinoAugmentation(...)(img) -> {"global_crops": [2 tensors], "local_crops": [n tensors]}
 The same views for a batch at once, on any device (every random choice still drawn per image)
     BatchedDinoAugmentation(...)(images (B,3,H,W), generator=None)
-        -> {"global_crops" (2B,3,G,G), "local_crops" (nB,3,L,L) or None}, collate_dino_batch's layout
+        -> {"global_crops" (2B,3,G,G), "local_crops" (nB,3,L,L) or None}, MaskedCollate's layout
     sample_view_params(n_images, height, width, scale, blur_probs, solarize_probs, jitter=DINO_JITTER,
                        generator=None, device="cpu") -> dict of per-view tensors (box, flip, jitter, ..., solarize)
     apply_view_params(images, params, size) -> normalised views (pure)
@@ -55,20 +55,21 @@ The same views for a batch at once, on any device (every random choice still dra
 iBOT masking
     MaskingGenerator(grid_h, grid_w, min_num_patches=4, max_num_patches=None, min_aspect=0.3)
         (num_masking_patches, generator=None) -> bool (grid_h, grid_w); .add_block(mask, max_patches)
-    draw_ibot_masks(n_crops, n_tokens, mask_generator, mask_ratio_min_max=(0.1, 0.5),
-                    mask_probability=0.5, generator=None)
-        -> {"masks" bool (n_crops,N), "mask_indices" (M,), "masks_weight" (M,),
-            "n_masked_patches" (1,), "upperbound" int}
-    collate_dino_batch(samples, n_tokens, mask_generator, mask_ratio_min_max=(0.1, 0.5),
-                       mask_probability=0.5, generator=None)
-        -> {"global_crops" (2B,3,G,G), "local_crops" (nB,3,L,L) or None, **draw_ibot_masks(2B, ...)}
+Pretraining batches, a pure function of (seed, step) so that a resumed run sees the same ones
+    open_images(source, split, phantom_sizes, phantom_px, label_column=None)  "phantom", .npz, .csv, folder
+    StepBatchSampler(n_images, batch_size, seed, start_step, max_iters, rank, world_size)
+        -> per step, this rank's keys (image index, crop seed, batch seed)
+    MultiCropDataset(images, **DinoAugmentation kwargs)[key] -> that image's crops
+    SourceImageDataset(images, source_px)[key] -> that image as a square (BatchedDinoAugmentation)
+    MaskedCollate(grid_size, mask_probability, mask_ratio_min_max)(items)
+        -> {"global_crops" (2B,3,G,G), "local_crops" (nB,3,L,L) or None, "masks" bool (2B,N),
+            "mask_indices" (M,), "masks_weight" (M,), "n_masked_patches" (1,), "upperbound" int}
 
 Typical use
-    train = ImageFolderDataset("../shared/data/covid_cxr_xray256/images.csv", "train",
-                               transform=DinoAugmentation(224, 96, n_local_crops=0))
-    or     PhantomDataset(2000, img_size=64, transform=DinoAugmentation(...))
-    loader = DataLoader(train, batch_size, collate_fn=functools.partial(collate_dino_batch,
-                        n_tokens=(224 // 14) ** 2, mask_generator=MaskingGenerator(16, 16)))
+    images = open_images("../shared/data/covid_cxr_xray256/images.csv", "train")
+    loader = DataLoader(MultiCropDataset(images, global_crops_size=224, local_crops_size=96),
+                        batch_sampler=StepBatchSampler(len(images), 32, seed=0, start_step=0, max_iters=1000),
+                        collate_fn=MaskedCollate(224 // 14, 0.5, (0.1, 0.5)))
     images, labels = load_medmnist("breastmnist", "train", root="../shared/data")
     ArrayImageDataset(images, labels, ClassificationTransform(224, train=True))
 """
@@ -1091,6 +1092,17 @@ DINO_JITTER = (0.4, 0.4, 0.2, 0.1)  # colour jitter strengths: brightness, contr
 DINO_JITTER_P, DINO_GRAYSCALE_P, DINO_BLUR_SIGMA = 0.8, 0.2, (0.1, 2.0)
 
 
+def check_view_strengths(jitter, blur_probs, solarize_p):
+    """One-line errors for DINOv2 photometric settings out of range, named as pretrain.py's keys."""
+    if len(jitter) != 4 or min(jitter) < 0 or jitter[3] > 0.5:
+        raise ValueError(f"color_jitter: expected (brightness, contrast, saturation, hue) >= 0 with hue <= 0.5, "
+                         f"found {jitter}")
+    if len(blur_probs) != 3 or not all(0 <= p <= 1 for p in blur_probs):
+        raise ValueError(f"blur_probs: expected 3 probabilities (global 1, global 2, local) in [0, 1], found {blur_probs}")
+    if not 0 <= solarize_p <= 1:
+        raise ValueError(f"solarize_p: expected a probability in [0, 1], found {solarize_p}")
+
+
 class DinoAugmentation:
     """DINOv2's multi-crop views of one image (3,H,W) in [0,1] -> {"global_crops": [2 normalised
     (3,G,G)], "local_crops": [n_local_crops normalised (3,L,L)]}.
@@ -1111,6 +1123,7 @@ class DinoAugmentation:
     def __init__(self, global_crops_size=224, local_crops_size=96, n_local_crops=8,
                  global_crops_scale=(0.32, 1.0), local_crops_scale=(0.05, 0.32),
                  blur_probs=(1.0, 0.1, 0.5), solarize_p=0.2, jitter=DINO_JITTER, generator=None):
+        check_view_strengths(jitter, blur_probs, solarize_p)
         self.global_crops_size, self.local_crops_size = global_crops_size, local_crops_size
         self.n_local_crops = n_local_crops
         self.global_crops_scale, self.local_crops_scale = global_crops_scale, local_crops_scale
@@ -1300,12 +1313,13 @@ class BatchedDinoAugmentation:
     """DinoAugmentation's views of a batch images (B,3,H,W) in [0,1], on the images' device, every
     random choice drawn per image from `generator` (a torch.Generator on that device; None: torch's
     default one there) -> {"global_crops": (2B,3,G,G), "local_crops": (nB,3,L,L) or None}, crop-major
-    as collate_dino_batch lays them out. Images must share one size (pretrain.py resizes them to a
+    as MaskedCollate lays them out. Images must share one size (pretrain.py resizes them to a
     square source first); crops are resized from that source, not from the original file."""
 
     def __init__(self, global_crops_size=224, local_crops_size=96, n_local_crops=8,
                  global_crops_scale=(0.32, 1.0), local_crops_scale=(0.05, 0.32),
                  blur_probs=(1.0, 0.1, 0.5), solarize_p=0.2, jitter=DINO_JITTER):
+        check_view_strengths(jitter, blur_probs, solarize_p)
         self.global_crops_size, self.local_crops_size = global_crops_size, local_crops_size
         self.n_local_crops = n_local_crops
         self.global_crops_scale, self.local_crops_scale = global_crops_scale, local_crops_scale
@@ -1375,62 +1389,6 @@ class MaskingGenerator:
         return mask
 
 
-def draw_ibot_masks(n_crops, n_tokens, mask_generator, mask_ratio_min_max=(0.1, 0.5), mask_probability=0.5,
-                    generator=None):
-    """The iBOT masks of n_crops global crops, as DINOv2's collate_data_and_cast draws them.
-
-    Of the n_crops, int(n_crops * mask_probability) are masked; their ratios spread over
-    linspace(min, max, n_masked + 1): masked crop i gets a ratio ~ U(probs[i], probs[i+1]); the
-    masks are then shuffled over the batch. Returns:
-      masks bool (n_crops, n_tokens); mask_indices (M,) flat indices into masks.flatten();
-      masks_weight (M,) 1/(#masked patches of its crop), so each masked crop sums to 1;
-      n_masked_patches long (1,) = M; upperbound int, the most patches the ratios allowed.
-    """
-    if mask_generator.num_patches != n_tokens:
-        raise ValueError(f"mask generator grid {mask_generator.grid_h}x{mask_generator.grid_w} has "
-                         f"{mask_generator.num_patches} patches, expected n_tokens={n_tokens}")
-    n_masked = int(n_crops * mask_probability)
-    probs = torch.linspace(mask_ratio_min_max[0], mask_ratio_min_max[1], n_masked + 1).tolist()
-    upperbound = 0
-    masks = []
-    for i in range(n_masked):
-        ratio = _uniform(probs[i], probs[i + 1], generator)
-        masks.append(mask_generator(int(n_tokens * ratio), generator))
-        upperbound += int(n_tokens * probs[i + 1])
-    masks += [mask_generator(0, generator) for _ in range(n_masked, n_crops)]
-    order = torch.randperm(n_crops, generator=generator).tolist()
-    masks = torch.stack([masks[j] for j in order]).flatten(1)
-    mask_indices = masks.flatten().nonzero().flatten()
-    masks_weight = (1 / masks.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(masks)[masks]
-    return {
-        "masks": masks,
-        "mask_indices": mask_indices,
-        "masks_weight": masks_weight,
-        "n_masked_patches": torch.full((1,), len(mask_indices), dtype=torch.long),
-        "upperbound": upperbound,
-    }
-
-
-def collate_dino_batch(samples, n_tokens, mask_generator, mask_ratio_min_max=(0.1, 0.5),
-                       mask_probability=0.5, generator=None):
-    """Batch DinoAugmentation outputs and draw the iBOT masks (draw_ibot_masks), as DINOv2's
-    collate_data_and_cast.
-
-    `samples`: a list of crop dicts, or of dataset items whose "image" is a crop dict. Returns
-    draw_ibot_masks' dict for the 2B global crops, and
-      global_crops (2B,3,G,G) crop-major (all first crops, then all second crops);
-      local_crops (nB,3,L,L), or None with no local crops.
-    """
-    crops = [s["image"] if "image" in s else s for s in samples]
-    n_global, n_local = len(crops[0]["global_crops"]), len(crops[0]["local_crops"])
-    global_crops = torch.stack([c["global_crops"][i] for i in range(n_global) for c in crops])
-    local_crops = (torch.stack([c["local_crops"][i] for i in range(n_local) for c in crops])
-                   if n_local else None)
-    masks = draw_ibot_masks(len(global_crops), n_tokens, mask_generator, mask_ratio_min_max,
-                            mask_probability, generator)
-    return {"global_crops": global_crops, "local_crops": local_crops, **masks}
-
-
 # ----------------------------------------------------------------------------------------------
 # Pretraining batches: a pure function of (seed, step), so a resumed run sees exactly the batches
 # it would have seen
@@ -1461,6 +1419,7 @@ class MultiCropDataset(torch.utils.data.Dataset):
     """Key (image index, crop seed, batch seed) -> DINOv2 crops of that image drawn with that seed."""
 
     def __init__(self, images, **augmentation):
+        DinoAugmentation(**augmentation)  # its settings are checked now, not in a loader worker
         self.images, self.augmentation = images, augmentation
 
     def __len__(self):
@@ -1501,22 +1460,46 @@ class StepBatchSampler(torch.utils.data.Sampler):
 
 
 class MaskedCollate:
-    """collate_dino_batch with the iBOT masks drawn from the batch's own seed. Items without crops
-    (SourceImageDataset's) are stacked as "images", and the same masks are drawn for their 2B global
-    crops-to-be."""
+    """Batch MultiCropDataset items and draw the iBOT masks of their 2B global crops from the batch's
+    own seed, as DINOv2's collate_data_and_cast. Of the 2B crops, int(2B * mask_probability) are
+    masked; their ratios spread over linspace(min, max, n_masked + 1): masked crop i gets a ratio
+    ~ U(probs[i], probs[i+1]); the masks are then shuffled over the batch. Returns
+      global_crops (2B,3,G,G) crop-major (all first crops, then all second crops);
+      local_crops (nB,3,L,L), or None with no local crops;
+      masks bool (2B, N); mask_indices (M,) flat indices into masks.flatten();
+      masks_weight (M,) 1/(#masked patches of its crop), so each masked crop sums to 1;
+      n_masked_patches long (1,) = M; upperbound int, the most patches the ratios allowed.
+    Items without crops (SourceImageDataset's) are stacked as "images" instead, with the same masks
+    for their 2B global crops-to-be."""
 
     def __init__(self, grid_size, mask_probability, mask_ratio_min_max):
         self.grid_size, self.mask_probability, self.mask_ratio_min_max = grid_size, mask_probability, mask_ratio_min_max
 
     def __call__(self, samples):
+        if "global_crops" in samples[0]:
+            n_global, n_local = len(samples[0]["global_crops"]), len(samples[0]["local_crops"])
+            batch = {"global_crops": torch.stack([s["global_crops"][i] for i in range(n_global) for s in samples]),
+                     "local_crops": (torch.stack([s["local_crops"][i] for i in range(n_local) for s in samples])
+                                     if n_local else None)}
+        else:
+            batch = {"images": torch.stack([s["image"] for s in samples])}
         generator = torch.Generator().manual_seed(samples[0]["batch_seed"])
         mask_generator = MaskingGenerator(self.grid_size, self.grid_size)  # at most half the patches, as DINOv2
-        if "global_crops" not in samples[0]:
-            return {"images": torch.stack([s["image"] for s in samples]),
-                    **draw_ibot_masks(2 * len(samples), self.grid_size ** 2, mask_generator,
-                                      tuple(self.mask_ratio_min_max), self.mask_probability, generator=generator)}
-        return collate_dino_batch(samples, self.grid_size ** 2, mask_generator, tuple(self.mask_ratio_min_max),
-                                  self.mask_probability, generator=generator)
+        n_crops, n_tokens = 2 * len(samples), self.grid_size ** 2
+        n_masked = int(n_crops * self.mask_probability)
+        probs = torch.linspace(self.mask_ratio_min_max[0], self.mask_ratio_min_max[1], n_masked + 1).tolist()
+        masks, upperbound = [], 0
+        for i in range(n_masked):
+            ratio = _uniform(probs[i], probs[i + 1], generator)
+            masks.append(mask_generator(int(n_tokens * ratio), generator))
+            upperbound += int(n_tokens * probs[i + 1])
+        masks += [mask_generator(0, generator) for _ in range(n_masked, n_crops)]
+        order = torch.randperm(n_crops, generator=generator).tolist()
+        masks = torch.stack([masks[j] for j in order]).flatten(1)
+        mask_indices = masks.flatten().nonzero().flatten()
+        return {**batch, "masks": masks, "mask_indices": mask_indices,
+                "masks_weight": (1 / masks.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(masks)[masks],
+                "n_masked_patches": torch.full((1,), len(mask_indices), dtype=torch.long), "upperbound": upperbound}
 
 
 class SourceImageDataset(torch.utils.data.Dataset):

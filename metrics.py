@@ -249,36 +249,6 @@ def format_drift(drift):
 
 
 # ----------------------------------------------------------------------------------------------
-# DINO collapse monitors (local to one process's batch)
-# ----------------------------------------------------------------------------------------------
-
-def entropy(probs):
-    return -(probs * probs.clamp_min(1e-12).log()).sum(-1)
-
-
-def head_information(probs):
-    """How much the student's DINO prototype assignment says about the image, as a fraction of log K:
-    the mutual information H(mean p) - mean H(p) over the batch, divided by log K. Both of DINO's
-    collapses give 0: every image mapped to the same prototype, or every image to the uniform
-    distribution (the DINO loss then sits at log K while KoLeo alone keeps the backbone's features
-    apart, so feat_std looks healthy). Local to this rank's batch."""
-    probs = probs.float()
-    return float((entropy(probs.mean(0)) - entropy(probs).mean()) / math.log(probs.shape[1]))
-
-
-def view_correlation(a, b):
-    """How much two views of the same images agree beyond what all images share: the correlation of
-    their features (B, D) after removing the batch mean. 1: the views agree; ~0: the augmentation
-    swamps the image. DINO matches views, so it can only sharpen what the views agree on; by a
-    linearised argument, the image-specific part of the head output grows when
-    view_corr * student_temp / teacher_temp > 1 and shrinks into the uniform collapse otherwise.
-    Local to this rank's batch."""
-    mean = torch.cat([a, b]).mean(0)
-    a, b = a - mean, b - mean
-    return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12))
-
-
-# ----------------------------------------------------------------------------------------------
 # Segmentation: label maps in (numpy or torch, any equal shapes), floats out; NaN = not scored
 # ----------------------------------------------------------------------------------------------
 

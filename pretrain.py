@@ -20,6 +20,7 @@ out_dir: ckpt.safetensors (resumes exactly), best.safetensors, teacher_backbone.
 dino_head.safetensors, log.jsonl, results.json.
 """
 import copy
+import functools
 import json
 import math
 import os
@@ -37,13 +38,11 @@ import kernels
 from checkpoint import load_checkpoint, load_init_backbone, save_checkpoint
 from data import (BatchedDinoAugmentation, MaskedCollate, MultiCropDataset, SourceImageDataset, StepBatchSampler,
                   auto_source_px, eval_tensors, item_seed, open_images)
-from distributed import (all_reduce_sum, average_gradients, gather_rows_keep_local_grad, rank, same_on_all_ranks,
-                         world_size)
-from metrics import backbone_drift, entropy, format_drift, head_information, knn_predict, view_correlation
+from distributed import rank, same_on_all_ranks, world_size
+from metrics import backbone_drift, format_drift, knn_predict
 from model import (DINOHead, ViT, backbone_features, export_hf, head_shape, load_dino_head, save_backbone,
                    save_json_atomic, save_safetensors_atomic, vit_config)
-from progress import format_duration
-from schedules import apply_schedules, build_schedules, param_groups
+from schedules import build_schedules, param_groups
 
 # -----------------------------------------------------------------------------
 # default config: ViT-tiny/8 at 64 px on the procedural phantoms, a few minutes on a laptop CPU
@@ -164,24 +163,25 @@ def ibot_loss(student_masked_logits, teacher_masked_probs, masks, student_temp=0
 
 def koleo_loss(x, eps=1e-8):
     """KoLeoLoss: -mean log distance of each L2-normalised row to its nearest other row (the
-    Kozachenko-Leonenko entropy estimator), spreading the features over the sphere."""
+    Kozachenko-Leonenko entropy estimator), spreading the features over the sphere.
+    Under torchrun the rows are the global batch's (DINOv2 uses each GPU's batch alone; the global
+    batch makes a run independent of how many GPUs it is split over): every rank computes the same
+    value, only its own rows carry gradient, and scaling the gradient (not the value) by the world
+    size makes the rank-averaged gradient the full one."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world > 1:
+        rows = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(rows, x.detach().contiguous())
+        rows[dist.get_rank()] = x
+        x = torch.cat(rows)
     x = F.normalize(x.float(), p=2, dim=-1, eps=eps)
     with torch.no_grad():
         dots = x @ x.t()
         dots.fill_diagonal_(-1)
         nearest = dots.argmax(dim=1)
     distances = (x - x[nearest] + eps).norm(dim=-1)  # nn.PairwiseDistance adds eps to the difference
-    return -torch.log(distances + eps).mean()
-
-
-def koleo_loss_across_ranks(x):
-    """KoLeo over the global batch. Every rank computes the same value, but only its own rows carry
-    gradient and the gradient all-reduce averages over ranks: scaling the gradient (not the value)
-    by the world size makes the averaged gradient the full one. (DINOv2 uses each GPU's batch alone;
-    the global batch makes a run independent of how many GPUs it is split over.)"""
-    loss = koleo_loss(gather_rows_keep_local_grad(x))
-    n = world_size()
-    return loss if n == 1 else loss * n - loss.detach() * (n - 1)
+    loss = -torch.log(distances + eps).mean()
+    return loss if world == 1 else loss * world - loss.detach() * (world - 1)
 
 
 def teacher_targets(logits, temp, method, center, n_total, momentum=0.9):
@@ -212,29 +212,22 @@ def make_teacher(student):
     return teacher.eval()
 
 
-def compile_backbones(student, teacher):
-    """torch.compile the two backbones in place (--compile=True); the heads stay eager."""
-    for net in (student, teacher):
-        net["backbone"].compile()
-
-
-def build_optimizer(student, layerwise_decay, patch_embed_lr_mult, betas, use_foreach):
-    return torch.optim.AdamW(param_groups(student, layerwise_decay, patch_embed_lr_mult), lr=0.0, betas=betas,
-                             foreach=use_foreach)
-
-
 # ---- One training step -------------------------------------------------------------------------------------
 
 def ssl_losses(student, teacher, batch, teacher_temp, centers, *, centering="sinkhorn_knopp", student_temp=0.1,
                center_momentum=0.9, dino_loss_weight=1.0, ibot_loss_weight=1.0, koleo_loss_weight=0.1,
                freeze_backbone=False, autocast=nullcontext):
-    """Forward both networks on a batch (collate_dino_batch layout: global crops crop-major) and
+    """Forward both networks on a batch (MaskedCollate layout: global crops crop-major) and
     return the loss terms as DINOv2's SSLMetaArch.forward_backward weighs them, plus monitors."""
     global_crops, local_crops, masks = batch["global_crops"], batch["local_crops"], batch["masks"]
     B = global_crops.shape[0] // 2
     n_local = 0 if local_crops is None else local_crops.shape[0] // B
+    world = dist.get_world_size() if dist.is_initialized() else 1
     mask_indices = masks.flatten().nonzero().flatten()
-    n_masked_total = int(all_reduce_sum(torch.tensor(float(len(mask_indices)), device=masks.device)).item())
+    n_masked_total = torch.tensor(float(len(mask_indices)), device=masks.device)
+    if world > 1:
+        dist.all_reduce(n_masked_total)
+    n_masked_total = int(n_masked_total.item())
     do_ibot = ibot_loss_weight > 0 and n_masked_total > 0
     separate = "ibot_head" in student
 
@@ -251,7 +244,7 @@ def ssl_losses(student, teacher, batch, teacher_temp, centers, *, centering="sin
                 t_logits = teacher["dino_head"](torch.cat([cls, patches]) if do_ibot else cls)
                 t_cls_logits, t_patch_logits = t_logits[:2 * B], t_logits[2 * B:]
         dino_targets = teacher_targets(t_cls_logits.float(), teacher_temp, centering, centers["dino"],
-                                       2 * B * world_size(), center_momentum)
+                                       2 * B * world, center_momentum)
         ibot_targets = None
         if do_ibot:
             ibot_targets = teacher_targets(t_patch_logits.float(), teacher_temp, centering, centers["ibot"],
@@ -285,21 +278,38 @@ def ssl_losses(student, teacher, batch, teacher_temp, centers, *, centering="sin
                                                             student_temp) / n_terms
     losses["dino_global"] = dino_loss_weight * dino_loss([s_global_logits], [dino_targets], student_temp) * 2 / n_terms
     if koleo_loss_weight > 0:  # per global crop: never between two crops of the same image
-        losses["koleo"] = koleo_loss_weight * sum(koleo_loss_across_ranks(c)
+        losses["koleo"] = koleo_loss_weight * sum(koleo_loss(c)
                                                   for c in s_global["x_norm_clstoken"].chunk(2))
     if do_ibot:
         losses["ibot"] = ibot_loss_weight * ibot_loss(s_patch_logits, ibot_targets, masks, student_temp)
     losses["total"] = sum(losses.values())
 
-    with torch.no_grad():  # collapse monitors (see head_information for the one that matters most)
-        feats = F.normalize(out["x_norm_clstoken"].float(), dim=-1)
-        monitors = {
-            "feat_std": float(feats.std(dim=0).mean() * math.sqrt(feats.shape[1])),
-            "teacher_entropy": float(entropy(dino_targets).mean() / math.log(dino_targets.shape[1])),
-            "head_info": head_information(F.softmax(s_global_logits.detach() / student_temp, dim=-1)),
-            "view_corr": view_correlation(*out["x_norm_clstoken"].float().chunk(2)),
-        }
+    monitors = collapse_monitors(out["x_norm_clstoken"], dino_targets,
+                                 F.softmax(s_global_logits.detach() / student_temp, dim=-1))
     return losses, monitors
+
+
+@torch.no_grad()
+def collapse_monitors(teacher_cls, teacher_probs, student_probs):
+    """Numbers that tell a learning run from a collapsing one (this rank's batch; README, "Pretraining").
+    teacher_cls (2B, D): the teacher's CLS features of both global crops, crop-major; teacher_probs
+    (2B, K): its DINO targets; student_probs (2B, K): the student's DINO head softmax. head_info, the
+    mutual information H(mean p) - mean H(p) / log K, is 0 for both of DINO's collapses (every image on
+    one prototype, or every image uniform); view_corr is the agreement of the two crops of an image
+    beyond what all images share (1 agree, ~0 the augmentation swamps the image)."""
+    def entropy(p):
+        return -(p * p.clamp_min(1e-12).log()).sum(-1)
+
+    feats = F.normalize(teacher_cls.float(), dim=-1)
+    student_probs = student_probs.float()
+    a, b = (teacher_cls.float() - teacher_cls.float().mean(0)).chunk(2)
+    return {
+        "feat_std": float(feats.std(dim=0).mean() * math.sqrt(feats.shape[1])),
+        "teacher_entropy": float(entropy(teacher_probs).mean() / math.log(teacher_probs.shape[1])),
+        "head_info": float((entropy(student_probs.mean(0)) - entropy(student_probs).mean())
+                           / math.log(student_probs.shape[1])),
+        "view_corr": float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12)),
+    }
 
 
 def train_step(student, teacher, optimizer, batch, values, centers, clip_grad=3.0, freeze_backbone=False,
@@ -307,18 +317,27 @@ def train_step(student, teacher, optimizer, batch, values, centers, clip_grad=3.
     """Schedules -> losses -> backward -> gradient all-reduce -> per-module clipping -> AdamW -> EMA.
     Returns (losses as floats averaged over ranks, monitors). A non-finite loss skips the update
     (the caller stops the run)."""
-    apply_schedules(optimizer, values)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    for group in optimizer.param_groups:  # this step's schedule values, times the group's multipliers
+        group["lr"] = values[group["schedule"]] * group["lr_multiplier"]
+        group["weight_decay"] = values["wd"] * group["wd_multiplier"]
     optimizer.zero_grad(set_to_none=True)
     losses, monitors = ssl_losses(student, teacher, batch, values["teacher_temp"], centers,
                                   freeze_backbone=freeze_backbone, **loss_kwargs)
-    names = list(losses)
-    reduced = all_reduce_sum(torch.stack([losses[k].detach().float() for k in names])) / world_size()
-    reduced = dict(zip(names, reduced.tolist()))
+    reduced = torch.stack([v.detach().float() for v in losses.values()])
+    if world > 1:
+        dist.all_reduce(reduced)
+    reduced = dict(zip(losses, (reduced / world).tolist()))
     if not math.isfinite(reduced["total"]):
         return reduced, monitors
     losses["total"].backward()
-    trainable = [p for p in student.parameters() if p.requires_grad]
-    average_gradients(trainable)
+    if world > 1:  # data parallelism by one flat all-reduce, not DDP's hooks: the backbone runs twice per
+        # step (global and local crops) and has no gradients at all in the head warm-up
+        grads = [p.grad for p in student.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        for g, mean in zip(grads, (flat / world).split([g.numel() for g in grads])):
+            g.copy_(mean.view_as(g))
     for part in student.values():
         params = [p for p in part.parameters() if p.grad is not None]
         if params and clip_grad:
@@ -357,13 +376,6 @@ if __name__ == "__main__":
             raise ValueError(f"{key}={value}: expected a multiple of the patch size {patch_size}")
     if len(mask_ratio_min_max) != 2 or not 0 <= mask_ratio_min_max[0] <= mask_ratio_min_max[1] <= 1:
         raise ValueError(f"mask_ratio_min_max: expected (min, max) in [0, 1], found {mask_ratio_min_max}")
-    if len(color_jitter) != 4 or min(color_jitter) < 0 or color_jitter[3] > 0.5:
-        raise ValueError(f"color_jitter: expected (brightness, contrast, saturation, hue) >= 0 with hue <= 0.5, "
-                         f"found {color_jitter}")
-    if len(blur_probs) != 3 or not all(0 <= p <= 1 for p in blur_probs):
-        raise ValueError(f"blur_probs: expected 3 probabilities (global 1, global 2, local) in [0, 1], found {blur_probs}")
-    if not 0 <= solarize_p <= 1:
-        raise ValueError(f"solarize_p: expected a probability in [0, 1], found {solarize_p}")
     if batch_size < 2 and koleo_loss_weight > 0:
         raise ValueError(f"batch_size={batch_size}: KoLeo needs at least 2 images per batch (or koleo_loss_weight=0)")
     if resume and not (Path(out_dir) / "ckpt.safetensors").is_file():
@@ -401,7 +413,7 @@ if __name__ == "__main__":
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    autocast = lambda: torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    autocast = functools.partial(torch.autocast, device_type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     if (device_type == "cpu" and dtype == "bfloat16" and master
             and not getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()):
         print("note: dtype=bfloat16 on a CPU without native bf16 matmuls (AVX512-BF16/AMX): likely slower than "
@@ -447,9 +459,7 @@ if __name__ == "__main__":
     else:
         overrides = dict(patch_size=patch_size, img_size=global_crops_size, n_registers=n_registers,
                          drop_path_rate=drop_path_rate, layerscale_init=layerscale_init)
-        if depth > 0:
-            overrides["depth"] = depth
-        backbone = ViT(vit_config(model_size, **overrides))
+        backbone = ViT(vit_config(model_size, **overrides, **({"depth": depth} if depth > 0 else {})))
     heads = build_heads(backbone.embed_dim, head_n_prototypes, head_hidden_dim, head_bottleneck_dim, head_nlayers,
                         ibot_separate_head, ibot_head_n_prototypes)
     if init_head_from:
@@ -457,11 +467,10 @@ if __name__ == "__main__":
     student = nn.ModuleDict({"backbone": backbone, **heads}).to(device)
     teacher = make_teacher(student)
     initial_backbone = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
-    centers = {"dino": torch.zeros(1, heads["dino_head"].last_layer.weight_v.shape[0], device=device),
-               "ibot": torch.zeros(1, heads.get("ibot_head", heads["dino_head"]).last_layer.weight_v.shape[0],
-                                   device=device)}
-    optimizer = build_optimizer(student, layerwise_decay, patch_embed_lr_mult, tuple(adamw_betas),
-                                use_foreach=device_type == "cuda")
+    centers = {k: torch.zeros(1, head.last_layer.weight_v.shape[0], device=device)  # softmax centering's
+               for k, head in (("dino", heads["dino_head"]), ("ibot", heads.get("ibot_head", heads["dino_head"])))}
+    optimizer = torch.optim.AdamW(param_groups(student, layerwise_decay, patch_embed_lr_mult), lr=0.0,
+                                  betas=tuple(adamw_betas), foreach=device_type == "cuda")
     schedules = build_schedules(max_iters, lr, min_lr, warmup_iters, weight_decay, weight_decay_end, momentum_teacher,
                                 final_momentum_teacher, warmup_teacher_temp, teacher_temp, teacher_temp_warmup_iters,
                                 freeze_last_layer_iters, head_warmup_iters)
@@ -479,11 +488,11 @@ if __name__ == "__main__":
         if master:
             print(f"resumed from {out / 'ckpt.safetensors'} at step {start_step}"
                   + (f"; config changed since: {changed}" if changed else ""))
-    if compile:
-        compile_backbones(student, teacher)
-    n_params = sum(p.numel() for p in backbone.parameters())
+    if compile:  # the heads stay eager
+        for net in (student, teacher):
+            net["backbone"].compile()
     if master:
-        c = backbone.config
+        c, n_params = backbone.config, sum(p.numel() for p in backbone.parameters())
         print(f"model: ViT D={c.embed_dim} depth={c.depth} patch={c.patch_size} ({n_params / 1e6:.1f}M params), "
               f"DINO head K={centers['dino'].shape[1]}{' + iBOT head' if 'ibot_head' in heads else ''}; lr {lr:.2e} "
               f"(base {base_lr} x sqrt({global_batch}/1024)); head warm-up {head_warmup_iters} it; "
@@ -500,43 +509,44 @@ if __name__ == "__main__":
                        dino_loss_weight=dino_loss_weight, ibot_loss_weight=ibot_loss_weight,
                        koleo_loss_weight=koleo_loss_weight, autocast=autocast)
 
-    def checkpoint_state(step):
-        return {"step": step, "samples_seen": step * global_batch, "config": config, "model": model_info,
-                "guard": dict(guard), "history": history, "world_size": world_size()}
-
-    if eval_sets:
-        drift_images = eval_sets[1][0][:256]
-        initial_feats = backbone_features(teacher["backbone"], drift_images, device, autocast)
-
-    def run_eval(step):
-        """The teacher's k-NN accuracy (DINO's weighted k-NN) and drift, logged; the guard rail on the score."""
-        (bank, bank_labels), (query, query_labels), n_classes = eval_sets
-        bank_feats, query_feats, feats = (backbone_features(teacher["backbone"], x, device, autocast)
-                                          for x in (bank, query, drift_images))
-        probs = knn_predict(bank_feats, bank_labels, query_feats, n_classes, k=knn_k, temperature=0.07)
-        score = same_on_all_ranks(float((probs.argmax(1) == query_labels).float().mean()))
-        is_best, stop = guard_rail(guard, step, score)
-        if is_best:
-            save_checkpoint(out / "best.safetensors", student, teacher, optimizer, centers, checkpoint_state(step))
-        drift = backbone_drift(teacher["backbone"].state_dict(), initial_backbone, feats, initial_feats)
-        history.append({"step": step, "knn_acc": score, "feature_cos": drift["feature_cos"], "cka": drift["cka"]})
-        if master:
-            print(f"eval step {step}: k-NN acc {score:.4f} (best {guard['best_score']:.4f} at step "
-                  f"{guard['best_step']}) | " + format_drift(drift))
-        return stop
-
     # -------------------------------------------------------------------- training
     log_path = out / "log.jsonl"
     last_ckpt_step = start_step if resume else None
     stopped = None
-    if eval_sets and start_step == 0 and run_eval(0):
-        stopped = "rollback"
+    if eval_sets:  # the drift monitor compares the teacher's features with its features at the start
+        drift_images = eval_sets[1][0][:256]
+        initial_feats = backbone_features(teacher["backbone"], drift_images, device, autocast)
     t0 = time.time()
-    t_last, done_last, first_losses, losses = t0, start_step, None, None
+    t_last, done_last, step_seconds, first_losses, losses = t0, start_step, None, None, None
     data_iter = iter(loader)
-    for step in range(start_step, max_iters):
-        if stopped:
+    step = start_step
+    while True:
+        # evaluation: the teacher's k-NN accuracy (DINO's weighted k-NN) and drift; the guard rail on the score
+        is_best = False
+        if eval_sets and (step > start_step or step == 0) and (step % eval_every == 0 or step == max_iters):
+            (bank, bank_labels), (query, query_labels), n_classes = eval_sets
+            bank_feats, query_feats, feats = (backbone_features(teacher["backbone"], x, device, autocast)
+                                              for x in (bank, query, drift_images))
+            probs = knn_predict(bank_feats, bank_labels, query_feats, n_classes, k=knn_k, temperature=0.07)
+            score = same_on_all_ranks(float((probs.argmax(1) == query_labels).float().mean()))
+            is_best, stop = guard_rail(guard, step, score)
+            stopped = "rollback" if stop else None
+            drift = backbone_drift(teacher["backbone"].state_dict(), initial_backbone, feats, initial_feats)
+            history.append({"step": step, "knn_acc": score, "feature_cos": drift["feature_cos"], "cka": drift["cka"]})
+            if master:
+                print(f"eval step {step}: k-NN acc {score:.4f} (best {guard['best_score']:.4f} at step "
+                      f"{guard['best_step']}) | " + format_drift(drift))
+        state = {"step": step, "samples_seen": step * global_batch, "config": config, "model": model_info,
+                 "guard": dict(guard), "history": history, "world_size": world_size()}
+        if is_best:
+            save_checkpoint(out / "best.safetensors", student, teacher, optimizer, centers, state)
+        if step > start_step and (step % ckpt_every == 0 or step == max_iters or stopped):
+            save_checkpoint(out / "ckpt.safetensors", student, teacher, optimizer, centers, state)
+            last_ckpt_step = step
+        if step == max_iters or stopped:
             break
+
+        # one training step
         batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in next(data_iter).items()}
         if augment_on_device:  # drawn from (seed, step, rank): a resumed run makes the same crops, ranks differ
             generator = torch.Generator(device).manual_seed(item_seed(seed, step, rank(), 2))
@@ -551,27 +561,17 @@ if __name__ == "__main__":
                              f"stopping. {where}. Try a lower base_lr, a longer warmup_iters, clip_grad, or "
                              f"dtype='float32'.")
         first_losses = first_losses or losses
-        done = step + 1
-        if master and (done % log_interval == 0 or done == max_iters or step == start_step):
-            speed = global_batch * (done - done_last) / max(time.time() - t_last, 1e-9)
-            t_last, done_last = time.time(), done
-            eta = (time.time() - t0) / (done - start_step) * (max_iters - done)
-            terms = " ".join(f"{k} {v:.3f}" for k, v in losses.items() if k != "total")
-            frozen = " [heads only]" if step < head_warmup_iters else ""
-            print(f"step {done}/{max_iters} | loss {losses['total']:.4f} ({terms}) | lr {values['lr']:.2e} "
-                  f"bb_lr {values['backbone_lr']:.2e} wd {values['wd']:.3f} mom {values['momentum']:.4f} "
-                  f"t_temp {values['teacher_temp']:.3f} | feat_std {monitors['feat_std']:.3f} "
-                  f"t_entropy {monitors['teacher_entropy']:.3f} head_info {monitors['head_info']:.3f} "
-                  f"view_corr {monitors['view_corr']:.2f} | "
-                  f"{speed:.0f} img/s | ETA {format_duration(eta)}{frozen}",
+        step += 1
+        if master and (step % log_interval == 0 or step == max_iters or step == start_step + 1):
+            recent = (time.time() - t_last) / (step - done_last)  # seconds per step since the last line
+            step_seconds = recent if step_seconds is None else 0.5 * step_seconds + 0.5 * recent
+            t_last, done_last, speed = time.time(), step, global_batch / max(recent, 1e-9)
+            eta = int(step_seconds * (max_iters - step))
+            print(f"step {step}/{max_iters} | loss {losses['total']:.4f} | lr {values['lr']:.2e} | {speed:.0f} img/s "
+                  f"| ETA {eta // 60}m{eta % 60:02d}s" + (" [heads only]" if step <= head_warmup_iters else ""),
                   flush=True)
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"step": done, **losses, **values, **monitors, "img_per_s": speed}) + "\n")
-        if eval_sets and (done % eval_every == 0 or done == max_iters) and run_eval(done):
-            stopped = "rollback"
-        if done % ckpt_every == 0 or done == max_iters or stopped:
-            save_checkpoint(out / "ckpt.safetensors", student, teacher, optimizer, centers, checkpoint_state(done))
-            last_ckpt_step = done
+            with open(log_path, "a") as f:  # every loss term, schedule value and collapse monitor
+                f.write(json.dumps({"step": step, **losses, **values, **monitors, "img_per_s": speed}) + "\n")
 
     # -------------------------------------------------------------------- results
     elapsed = time.time() - t0
@@ -591,7 +591,7 @@ if __name__ == "__main__":
                    "exports": None if stopped else {"backbone": str(out / "teacher_backbone.safetensors"),
                                                     "hf": str(out / "hf"), "dino_head": str(out / "dino_head.safetensors")}}
         save_json_atomic(results, out / "results.json")
-        print(f"done in {format_duration(elapsed)}: loss {first_losses['total'] if first_losses else float('nan'):.4f} "
+        print(f"done in {elapsed / 60:.1f} min: loss {first_losses['total'] if first_losses else float('nan'):.4f} "
               f"-> {losses['total'] if losses else float('nan'):.4f}; outputs in {out}")
     if ddp:
         dist.destroy_process_group()

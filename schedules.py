@@ -79,8 +79,3 @@ def param_groups(student, layerwise_decay, patch_embed_lr_mult):
             group["names"].append(f"{part}.{name}")
     return list(groups.values())
 
-
-def apply_schedules(optimizer, values):
-    for group in optimizer.param_groups:
-        group["lr"] = values[group["schedule"]] * group["lr_multiplier"]
-        group["weight_decay"] = values["wd"] * group["wd_multiplier"]

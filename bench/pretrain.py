@@ -24,9 +24,10 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: `python bench/pretrain.py`
-import pretrain as P  # noqa: E402
+import pretrain as P  # noqa: E402  (the step it times is pretrain.py's own, as tests/test_pretrain.py tests it)
 from data import MaskingGenerator  # noqa: E402
 from model import ViT, vit_config  # noqa: E402
+from schedules import param_groups  # noqa: E402
 
 # config ----------------------------------------------------------------------------------------
 smoke = False
@@ -98,8 +99,10 @@ def bench_one(size, n_local, kernels_choice, dtype, device, compiled=False):
                                                                     head_bottleneck_dim, 3, False, 0)}).to(device)
     teacher = P.make_teacher(student)
     if compiled:  # compiles during the warm-up steps, which are not timed
-        P.compile_backbones(student, teacher)
-    optimizer = P.build_optimizer(student, 0.9, 0.2, (0.9, 0.999), use_foreach=device.type == "cuda")
+        for net in (student, teacher):
+            net["backbone"].compile()
+    optimizer = torch.optim.AdamW(param_groups(student, 0.9, 0.2), lr=0.0, betas=(0.9, 0.999),
+                                  foreach=device.type == "cuda")
     centers = {"dino": torch.zeros(1, head_n_prototypes, device=device), "ibot": torch.zeros(1, head_n_prototypes, device=device)}
     values = {"lr": 1e-4, "last_layer_lr": 1e-4, "backbone_lr": 1e-4, "wd": 0.04, "momentum": 0.994, "teacher_temp": 0.07}
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")

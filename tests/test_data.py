@@ -558,14 +558,13 @@ def test_masking_never_exceeds_the_requested_number_and_nearly_reaches_it():
 
 def test_collate_spreads_mask_ratios_and_weights_each_masked_crop_to_one():
     aug = data.DinoAugmentation(28, 14, 2, generator=torch.Generator().manual_seed(0))
-    samples = [{"image": aug(torch.rand(3, 40, 40)), "label": 0} for _ in range(8)]
+    samples = [{**aug(torch.rand(3, 40, 40)), "batch_seed": 0} for _ in range(8)]
     grid = 14
     n_tokens = grid * grid
-    batch = data.collate_dino_batch(samples, n_tokens, data.MaskingGenerator(grid, grid),
-                                    (0.1, 0.5), 0.5, generator=torch.Generator().manual_seed(0))
+    batch = data.MaskedCollate(grid, 0.5, (0.1, 0.5))(samples)
     assert batch["global_crops"].shape == (16, 3, 28, 28) and batch["local_crops"].shape == (16, 3, 14, 14)
-    assert torch.equal(batch["global_crops"][1], samples[1]["image"]["global_crops"][0])
-    assert torch.equal(batch["global_crops"][8 + 1], samples[1]["image"]["global_crops"][1])
+    assert torch.equal(batch["global_crops"][1], samples[1]["global_crops"][0])
+    assert torch.equal(batch["global_crops"][8 + 1], samples[1]["global_crops"][1])
     masks = batch["masks"]
     assert masks.shape == (16, n_tokens) and masks.dtype == torch.bool
     counts = masks.sum(1)
@@ -583,8 +582,8 @@ def test_collate_spreads_mask_ratios_and_weights_each_masked_crop_to_one():
 
 def test_collate_in_global_only_mode_has_no_local_crops():
     aug = data.DinoAugmentation(28, 14, 0, generator=torch.Generator().manual_seed(0))
-    samples = [aug(torch.rand(3, 30, 30)) for _ in range(3)]
-    batch = data.collate_dino_batch(samples, 4, data.MaskingGenerator(2, 2, min_num_patches=1), mask_probability=0.0)
+    samples = [{**aug(torch.rand(3, 30, 30)), "batch_seed": 0} for _ in range(3)]
+    batch = data.MaskedCollate(2, 0.0, (0.1, 0.5))(samples)
     assert batch["local_crops"] is None and batch["global_crops"].shape == (6, 3, 28, 28)
     assert not batch["masks"].any() and batch["n_masked_patches"].item() == 0
 

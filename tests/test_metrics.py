@@ -12,10 +12,9 @@ from nltk.translate.meteor_score import single_meteor_score
 from rouge_score import rouge_scorer
 
 from metrics import (accuracy, auprc_per_class, average_precision, bootstrap_interval, caption_metrics,
-                     classification_metrics, confusion_counts, corpus_bleu, head_information, iou_and_dice,
-                     knn_predict, macro_f1, mean_std, porter_stem, probe_metrics, roc_auc, roc_auc_ovr,
-                     roc_auc_per_class, rouge_l, segmentation_metrics, sentence_meteor, tokenize_13a,
-                     view_correlation)
+                     classification_metrics, confusion_counts, corpus_bleu, iou_and_dice, knn_predict, macro_f1,
+                     mean_std, porter_stem, probe_metrics, roc_auc, roc_auc_ovr, roc_auc_per_class, rouge_l,
+                     segmentation_metrics, sentence_meteor, tokenize_13a)
 
 
 # ---------------------------------------------------------------------------- classification, by hand
@@ -371,33 +370,3 @@ def test_caption_metrics_are_perfect_for_perfect_captions():
 def test_mean_std_is_the_population_std_over_seeds():
     assert mean_std([0.80, 0.84]) == {"mean": pytest.approx(0.82), "std": pytest.approx(0.02), "n": 2}
     assert mean_std([0.5]) == {"mean": 0.5, "std": 0.0, "n": 1}
-
-
-# ---------------------------------------------------------------------------- DINO collapse monitors
-
-def test_head_information_is_zero_for_both_collapses_and_one_for_distinct_prototypes():
-    K = 16
-    uniform = torch.full((8, K), 1.0 / K)
-    one_prototype = torch.zeros(8, K)
-    one_prototype[:, 3] = 1.0
-    same_soft_output = torch.softmax(torch.randn(1, K), -1).expand(8, K)
-    distinct = torch.eye(K)
-    assert head_information(uniform) == pytest.approx(0.0, abs=1e-6)
-    assert head_information(one_prototype) == pytest.approx(0.0, abs=1e-6)
-    assert head_information(same_soft_output) == pytest.approx(0.0, abs=1e-6)
-    assert head_information(distinct) == pytest.approx(1.0, abs=1e-6)
-    # two groups of images, each sure of its own prototype: log 2 of the log K nats
-    halves = torch.zeros(8, K)
-    halves[:4, 0] = halves[4:, 1] = 1.0
-    assert head_information(halves) == pytest.approx(math.log(2) / math.log(K), abs=1e-6)
-
-
-def test_view_correlation_ignores_the_shared_feature_and_measures_per_image_agreement():
-    g = torch.Generator().manual_seed(0)
-    shared = 5 * torch.randn(1, 64, generator=g)  # what every image has in common: must not count
-    images = torch.randn(4096, 64, generator=g)
-    noise_a, noise_b = torch.randn(2, 4096, 64, generator=g)
-    assert view_correlation(shared + images, shared + images) == pytest.approx(1.0, abs=1e-5)
-    assert view_correlation(shared + noise_a, shared + noise_b) == pytest.approx(0.0, abs=0.02)
-    # image variance 1, view noise variance 1 per view: half of each view is the image
-    assert view_correlation(shared + images + noise_a, shared + images + noise_b) == pytest.approx(0.5, abs=0.02)

@@ -24,7 +24,7 @@ from conftest import REPO, cpu_env, run_stage
 from data import (MaskedCollate, MaskingGenerator, MultiCropDataset, SourceImageDataset, auto_source_px, item_seed,
                   open_images)
 from model import ViT, vit_config
-from schedules import build_schedules
+from schedules import build_schedules, param_groups
 
 
 
@@ -98,8 +98,52 @@ def test_init_head_from_reproduces_the_published_dinov2_head(oracles_dir, tmp_pa
 
 
 # ----------------------------------------------------------------------------------------------
-# Schedules and parameter groups
+# Collapse monitors
 # ----------------------------------------------------------------------------------------------
+
+def head_information(probs):
+    """collapse_monitors' head_info of a batch of student assignments (the other inputs do not enter it)."""
+    features = torch.randn(2 * (len(probs) // 2), 4)
+    return P.collapse_monitors(features, probs, probs)["head_info"]
+
+
+def view_correlation(a, b):
+    return P.collapse_monitors(torch.cat([a, b]), torch.full((2, 3), 1 / 3), torch.full((2, 3), 1 / 3))["view_corr"]
+
+
+def test_head_information_is_zero_for_both_collapses_and_one_for_distinct_prototypes():
+    K = 16
+    uniform = torch.full((8, K), 1.0 / K)
+    one_prototype = torch.zeros(8, K)
+    one_prototype[:, 3] = 1.0
+    same_soft_output = torch.softmax(torch.randn(1, K), -1).expand(8, K)
+    distinct = torch.eye(K)
+    assert head_information(uniform) == pytest.approx(0.0, abs=1e-6)
+    assert head_information(one_prototype) == pytest.approx(0.0, abs=1e-6)
+    assert head_information(same_soft_output) == pytest.approx(0.0, abs=1e-6)
+    assert head_information(distinct) == pytest.approx(1.0, abs=1e-6)
+    # two groups of images, each sure of its own prototype: log 2 of the log K nats
+    halves = torch.zeros(8, K)
+    halves[:4, 0] = halves[4:, 1] = 1.0
+    assert head_information(halves) == pytest.approx(math.log(2) / math.log(K), abs=1e-6)
+
+
+def test_view_correlation_ignores_the_shared_feature_and_measures_per_image_agreement():
+    g = torch.Generator().manual_seed(0)
+    shared = 5 * torch.randn(1, 64, generator=g)  # what every image has in common: must not count
+    images = torch.randn(4096, 64, generator=g)
+    noise_a, noise_b = torch.randn(2, 4096, 64, generator=g)
+    assert view_correlation(shared + images, shared + images) == pytest.approx(1.0, abs=1e-5)
+    assert view_correlation(shared + noise_a, shared + noise_b) == pytest.approx(0.0, abs=0.02)
+    # image variance 1, view noise variance 1 per view: half of each view is the image
+    assert view_correlation(shared + images + noise_a, shared + images + noise_b) == pytest.approx(0.5, abs=0.02)
+
+
+def test_teacher_entropy_is_a_fraction_of_log_k():
+    uniform, peaked = torch.full((4, 8), 1 / 8), torch.eye(8)[:4]
+    assert P.collapse_monitors(torch.randn(4, 3), uniform, uniform)["teacher_entropy"] == pytest.approx(1.0)
+    assert P.collapse_monitors(torch.randn(4, 3), peaked, peaked)["teacher_entropy"] == pytest.approx(0.0, abs=1e-6)
+
 
 # ----------------------------------------------------------------------------------------------
 # Training steps on explicit batches (tiny model)
@@ -119,7 +163,7 @@ def tiny_student(seed=0, separate_ibot=False):
 
 
 def tiny_batches(n_steps, seed=0):
-    """Full-size batches in collate_dino_batch's layout (crop-major), half of the global crops masked."""
+    """Full-size batches in MaskedCollate's layout (crop-major), half of the global crops masked."""
     g = torch.Generator().manual_seed(seed)
     masker = MaskingGenerator(4, 4)
     batches = []
@@ -144,7 +188,7 @@ def tiny_training_state(student=None, teacher=None):
     optimizer, centers, schedule values for one step)."""
     student = student or tiny_student()
     teacher = teacher or P.make_teacher(student)
-    optimizer = P.build_optimizer(student, 0.9, 0.2, (0.9, 0.999), use_foreach=False)
+    optimizer = torch.optim.AdamW(param_groups(student, 0.9, 0.2), lr=0.0, betas=(0.9, 0.999), foreach=False)
     centers = {"dino": torch.zeros(1, K), "ibot": torch.zeros(1, K)}
     values = {"lr": 1e-3, "last_layer_lr": 1e-3, "backbone_lr": 1e-3, "wd": 0.04, "momentum": 0.99, "teacher_temp": 0.05}
     return student, teacher, optimizer, centers, values
@@ -155,7 +199,7 @@ def run_tiny_steps(batches, centering="sinkhorn_knopp", freeze_steps=0, separate
     """A few train_step calls; returns (per-step losses, student, teacher)."""
     student = student or tiny_student(separate_ibot=separate_ibot)
     teacher = P.make_teacher(student)
-    optimizer = P.build_optimizer(student, 0.9, 0.2, (0.9, 0.999), use_foreach=False)
+    optimizer = torch.optim.AdamW(param_groups(student, 0.9, 0.2), lr=0.0, betas=(0.9, 0.999), foreach=False)
     schedules = build_schedules(len(batches), lr, 1e-6, warmup, 0.04, 0.4, 0.99, 1.0, 0.04, 0.07, 2, 1, freeze_steps)
     centers = {"dino": torch.zeros(1, K), "ibot": torch.zeros(1, K)}
     history = []
