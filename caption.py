@@ -30,8 +30,8 @@ from config import configure
 from data import CaptionDataset, PhantomDataset, center_square, normalize, read_image
 from figures import sample_sheet
 from metrics import caption_metrics, corpus_bleu
-from model import (Bart, Captioner, ViT, bart_config, beam_search, greedy_search, load_backbone, load_bart,
-                   save_json_atomic, save_safetensors_atomic, vit_config)
+from model import (Bart, Captioner, ViT, bart_config, beam_search, check_img_size, greedy_search, load_backbone,
+                   load_bart, save_json_atomic, save_safetensors_atomic, vit_config)
 from schedules import lr_at  # linear warm-up, then cosine to zero
 
 # -----------------------------------------------------------------------------
@@ -251,6 +251,7 @@ if __name__ == "__main__":
         raise ValueError(f"dtype: expected 'bfloat16' or 'float32', found {dtype!r}")
     if bart_init and not tokenizer:
         raise ValueError(f"tokenizer: expected bart_init's own tokenizer.json (bart_init={bart_init}), found ''")
+    check_img_size(img_size, init_from, patch_size)
     t_start = time.time()
     torch.manual_seed(seed)
     out = Path(out_dir)

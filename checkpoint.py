@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from distributed import distributed, rank, world_size
-from model import ViT, ViTConfig, load_backbone, load_state_strict, save_json_atomic, save_safetensors_atomic
+from model import (ViT, ViTConfig, load_backbone, load_state_strict, read_safetensors, save_json_atomic,
+                   save_safetensors_atomic)
 
 
 def rng_states():
@@ -69,8 +68,7 @@ def save_checkpoint(path, student, teacher, optimizer, centers, state):
 
 def checkpoint_state_or_none(path):
     """The JSON state a pretrain.py checkpoint carries in its metadata; None for another safetensors file."""
-    with safe_open(str(path), "pt") as f:
-        meta = (f.metadata() or {}).get("nanorad_pretrain")
+    meta = read_safetensors(path, tensors=False)[1].get("nanorad_pretrain")
     return None if meta is None else json.loads(meta)
 
 
@@ -84,7 +82,7 @@ def read_checkpoint_state(path):
 def load_checkpoint(path, student, teacher, optimizer, centers):
     """Restore everything save_checkpoint wrote, strictly; returns the JSON state."""
     state = read_checkpoint_state(path)
-    tensors = load_file(str(path))
+    tensors, _ = read_safetensors(path)
     for prefix, net in (("student", student), ("teacher", teacher)):
         for part, module in net.items():
             head = f"{prefix}.{part}."
@@ -121,7 +119,35 @@ def load_init_backbone(path, **config_overrides):
         return load_backbone(path, **config_overrides)
     backbone = ViT(ViTConfig(**{**ckpt_state["model"]["vit"], **config_overrides}))
     prefix = "teacher.backbone."
-    load_state_strict(backbone, {k[len(prefix):]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)},
+    load_state_strict(backbone, {k[len(prefix):]: v for k, v in read_safetensors(path)[0].items() if k.startswith(prefix)},
                       str(path))
     print(f"init_from: {path}: teacher backbone of a pretrain.py checkpoint (step {ckpt_state['step']})")
     return backbone
+
+
+RUN_FILES = ("ckpt.safetensors", "log.jsonl", "results.json")  # what says a folder holds a run
+
+
+def check_out_dir(out_dir, resume, overwrite):
+    """Before any work: a new run never lands on an earlier run's files, and a resume has a checkpoint."""
+    out = Path(out_dir)
+    if resume and not (out / "ckpt.safetensors").is_file():
+        raise FileNotFoundError(f"resume=True: expected {out / 'ckpt.safetensors'}, found none")
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not resume and not overwrite:
+        offer = "continue it with --resume=True, " if "ckpt.safetensors" in found else ""
+        raise FileExistsError(f"out_dir: {out} holds an earlier run ({', '.join(found)}); {offer}replace it with "
+                              f"--overwrite=True, or choose another --out_dir")
+
+
+def start_run_files(out_dir, start_step):
+    """The log is one run's: a new run (--overwrite=True) removes the earlier run's log, results and best
+    checkpoint; a resumed run drops the log lines past the checkpoint it continues from."""
+    out = Path(out_dir)
+    log = out / "log.jsonl"
+    if start_step == 0:
+        for name in ("log.jsonl", "results.json", "best.safetensors", "best.safetensors.json"):
+            (out / name).unlink(missing_ok=True)
+    elif log.exists():
+        kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+        log.write_text("".join(line + "\n" for line in kept))

@@ -552,6 +552,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             self.rows = [{image_column: str(p)} for p in paths]
             self.labels, self.classes = None, None
             self.paths = [str(p) for p in paths]
+            read_image(self.paths[0])  # a file that cannot be decoded stops a script here, before any work
             return
         if not root.is_file():
             raise FileNotFoundError(f"{root} not found: expected an image folder or a CSV index")
@@ -580,6 +581,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             rows, labels = [row for row, _ in kept], [label for _, label in kept]
         self.rows, self.labels = rows, labels
         self.paths = [row[image_column] for row in rows]
+        if self.paths:
+            read_image(self.paths[0])  # a file that cannot be decoded stops a script here, before any work
 
     def __len__(self):
         return len(self.paths)
@@ -1393,6 +1396,31 @@ class MaskingGenerator:
 # Pretraining batches: a pure function of (seed, step), so a resumed run sees exactly the batches
 # it would have seen
 # ----------------------------------------------------------------------------------------------
+
+DATA_KINDS = ("phantom", "medmnist", "csv")
+
+
+def data_kind(dataset, data_path):
+    """Which loader a stage uses for (dataset, data_path): `dataset` when set, else what data_path is
+    ("" -> phantom, .npz -> medmnist, .csv -> csv). A given path is never ignored: a contradiction
+    or a missing file is an error here, before any work."""
+    suffix = Path(data_path).suffix if data_path else ""
+    looks_like = "phantom" if not data_path else {".npz": "medmnist", ".csv": "csv"}.get(suffix)
+    if dataset and dataset not in DATA_KINDS:
+        raise ValueError(f"dataset: expected one of {', '.join(DATA_KINDS)} (or '' to go by data_path), found {dataset!r}")
+    if not dataset and looks_like is None:
+        raise ValueError(f"data_path: expected a MedMNIST .npz or a CSV index (or set dataset), found {data_path!r}")
+    kind = dataset or looks_like
+    if kind == "phantom" and data_path:
+        raise ValueError(f"data_path: dataset='phantom' uses no files, found data_path={data_path!r}; drop one of them")
+    if kind != "phantom" and not data_path:
+        raise ValueError(f"data_path: dataset={kind!r} expected a file, found ''")
+    if looks_like not in (None, kind):
+        raise ValueError(f"dataset: {kind!r} contradicts data_path {data_path} (a {suffix} file is {looks_like})")
+    if suffix and not Path(data_path).is_file():
+        raise FileNotFoundError(f"data_path: {data_path} not found")
+    return kind
+
 
 def open_images(source, split, phantom_sizes=(2000, 500, 500), phantom_px=64, label_column=None):
     """Images in [0, 1] from one source: "phantom", a MedMNIST .npz, a CSV index or a folder.

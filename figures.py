@@ -1,5 +1,6 @@
-"""Result pictures as PNG, drawn with pillow: attention and similarity maps, feature scatter plots,
-segmentation overlays and caption sample sheets."""
+"""Result pictures as PNG, drawn with pillow: line plots (training curves, ROC curves), confusion
+matrices, attention and similarity maps, feature scatter plots, segmentation overlays and caption
+sample sheets."""
 import math
 import textwrap
 from pathlib import Path
@@ -8,10 +9,118 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data import denormalize
-from metrics import as_label_array
+from metrics import as_label_array, confusion_matrix, roc_curve
 
 # ----------------------------------------------------------------------------------------------
-# Maps and scatter plots (probe.py)
+# Line plots and confusion matrices (pretrain.py, finetune_cls.py)
+# ----------------------------------------------------------------------------------------------
+
+def line_plot(series, title, x_label, y_range=None, size_px=(420, 300), diagonal=False):
+    """A pillow picture of named lines {name: (xs, ys)} on shared axes, with a legend; y_range
+    (lo, hi) fixes the y axis (else the data's range); diagonal draws y = x (ROC chance)."""
+    width, height = size_px
+    left, right, top, bottom = 48, 12, 22, 34
+    canvas = Image.new("RGB", size_px, "white")
+    draw = ImageDraw.Draw(canvas)
+    lines = {k: (np.asarray(x, np.float64), np.asarray(y, np.float64)) for k, (x, y) in series.items() if len(x)}
+    xs = np.concatenate([x for x, _ in lines.values()]) if lines else np.zeros(1)
+    ys = np.concatenate([y for _, y in lines.values()]) if lines else np.zeros(1)
+    x_lo, x_hi = xs.min(), max(xs.max(), xs.min() + 1e-12)
+    y_lo, y_hi = y_range or (ys.min(), ys.max())
+    y_hi = max(y_hi, y_lo + 1e-12)
+
+    def to_px(x, y):
+        return (left + (x - x_lo) / (x_hi - x_lo) * (width - left - right),
+                height - bottom - (y - y_lo) / (y_hi - y_lo) * (height - top - bottom))
+
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for fraction in (0.0, 0.5, 1.0):
+        y = y_lo + fraction * (y_hi - y_lo)
+        draw.text((2, to_px(x_lo, y)[1] - 6), f"{y:.3g}", fill="black")
+        x = x_lo + fraction * (x_hi - x_lo)
+        draw.text((to_px(x, y_lo)[0] - 10, height - bottom + 4), f"{x:.3g}", fill="black")
+    if diagonal:
+        draw.line([to_px(x_lo, y_lo), to_px(x_hi, y_hi)], fill=(180, 180, 180))
+    for i, (name, (x, y)) in enumerate(lines.items()):
+        color = PALETTE[i % len(PALETTE)]
+        points = [to_px(a, b) for a, b in zip(x, y)]
+        if len(points) > 1:
+            draw.line(points, fill=color, width=2)
+        else:
+            draw.ellipse([points[0][0] - 3, points[0][1] - 3, points[0][0] + 3, points[0][1] + 3], fill=color)
+        draw.text((left + 6, top + 4 + 12 * i), str(name)[:40], fill=color)
+    draw.text((left, 4), title, fill="black")
+    draw.text((width // 2 - 3 * len(x_label), height - 14), x_label, fill="black")
+    return canvas
+
+
+def save_pictures(pictures, path):
+    """Pillow pictures side by side in one PNG."""
+    canvas = Image.new("RGB", (sum(p.width for p in pictures), max(p.height for p in pictures)), "white")
+    x = 0
+    for picture in pictures:
+        canvas.paste(picture, (x, 0))
+        x += picture.width
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+def save_training_curves(log_rows, knn_history, path):
+    """pretrain.py's log.jsonl rows and k-NN history as three plots: the losses, the teacher's k-NN
+    accuracy, and the collapse monitors."""
+    steps = [row["step"] for row in log_rows]
+    loss_names = [k for k in ("total", "dino_global", "dino_local", "ibot", "koleo") if log_rows and k in log_rows[0]]
+    monitors = ("teacher_entropy", "head_info", "view_corr")
+    save_pictures([
+        line_plot({k: (steps, [row[k] for row in log_rows]) for k in loss_names}, "losses", "step"),
+        line_plot({"teacher k-NN accuracy": ([h["step"] for h in knn_history], [h["knn_acc"] for h in knn_history])},
+                  "k-NN on held-out images", "step", y_range=(0, 1)),
+        line_plot({k: (steps, [row[k] for row in log_rows]) for k in monitors}, "collapse monitors", "step"),
+    ], path)
+
+
+def confusion_picture(counts, class_names, title, cell_px=56):
+    """counts[i, j] (true class i, predicted j) as a grid of cells shaded by the row's fraction."""
+    counts = np.asarray(counts)
+    n, left, top = len(counts), 110, 48
+    canvas = Image.new("RGB", (left + n * cell_px + 8, top + n * cell_px + 8), "white")
+    draw = ImageDraw.Draw(canvas)
+    fractions = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    for i in range(n):
+        draw.text((4, top + i * cell_px + cell_px // 2 - 6), str(class_names[i])[:16], fill="black")
+        draw.text((left + i * cell_px + 2, top - 14), str(class_names[i])[:8], fill="black")
+        for j in range(n):
+            shade = tuple(int(255 - fractions[i, j] * (255 - c)) for c in PALETTE[0])
+            box = [left + j * cell_px, top + i * cell_px, left + (j + 1) * cell_px, top + (i + 1) * cell_px]
+            draw.rectangle(box, fill=shade, outline="gray")
+            draw.text((box[0] + 6, box[1] + cell_px // 2 - 6), str(int(counts[i, j])),
+                      fill="white" if fractions[i, j] > 0.5 else "black")
+    draw.text((4, 4), title, fill="black")
+    draw.text((left, top - 28), "predicted ->", fill="black")
+    draw.text((4, top - 14), "true", fill="black")
+    return canvas
+
+
+def save_classification_figure(labels, probs, class_names, multi_label, path, title=""):
+    """ROC curves (binary: class 1; else one per class or label, one-vs-rest) and, for single-label
+    tasks, the confusion matrix of the argmax, side by side."""
+    labels, probs = np.asarray(labels), np.asarray(probs, np.float64)
+    columns = [1] if probs.shape[1] == 2 and not multi_label else range(probs.shape[1])
+    curves = {}
+    for c in columns:
+        truth = labels[:, c] if multi_label else (labels == c)
+        if 0 < truth.sum() < len(truth):  # a curve needs positives and negatives
+            fpr, tpr = roc_curve(truth, probs[:, c])
+            curves[f"{class_names[c]} (AUC {np.trapezoid(tpr, fpr):.3f})"] = (fpr, tpr)
+    pictures = [line_plot(curves, f"{title} ROC".strip(), "false positive rate", y_range=(0, 1), diagonal=True)]
+    if not multi_label:
+        counts = confusion_matrix(labels, probs.argmax(1), probs.shape[1])
+        pictures.append(confusion_picture(counts, class_names, f"{title} confusion matrix".strip()))
+    save_pictures(pictures, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Maps and scatter plots (probe.py, pretrain.py)
 # ----------------------------------------------------------------------------------------------
 
 VIRIDIS = np.array([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)], np.float64)
@@ -78,6 +187,19 @@ def save_attention_figure(image, maps, path, panel_px=160):
     save_panel_row(panels, ["image"] + [f"head {h}" for h in range(len(maps))], panel_px, path)
 
 
+def save_attention_rows(images, maps, path, panel_px=120):
+    """One row per image: the image, then its CLS attention per head. maps: (B, heads, h, w)."""
+    rows = [[image_panel(image, panel_px)] + [heat_panel(m, panel_px) for m in image_maps]
+            for image, image_maps in zip(images, np.asarray(maps))]
+    canvas = Image.new("RGB", (panel_px * len(rows[0]), (panel_px + 2) * len(rows) + 16), "white")
+    ImageDraw.Draw(canvas).text((4, 2), "teacher CLS attention, last block: image, then one panel per head", fill="black")
+    for r, row in enumerate(rows):
+        for c, panel in enumerate(row):
+            canvas.paste(panel, (c * panel_px, 16 + r * (panel_px + 2)))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
 def save_similarity_figure(image_a, image_b, sims, query_patches, patch_size, path, panel_px=160):
     """RAD-DINO Fig. 3: the query image with its landmark patches circled, then for each landmark the
     target image overlaid with that landmark's similarity map (bright = similar)."""
@@ -132,9 +254,15 @@ def save_overlay(image, pred, target, path, min_side_px=256):
     scale = max(1, math.ceil(min_side_px / min(gray.shape)))
     gap = np.full((left.shape[0], max(1, 4 // scale), 3), 255, np.uint8)
     panel = np.concatenate([left, gap, overlay_image(image, pred, target)], 1)
-    panel = panel.repeat(scale, axis=0).repeat(scale, axis=1)
+    panel = Image.fromarray(panel.repeat(scale, axis=0).repeat(scale, axis=1))
+    canvas = Image.new("RGB", (max(panel.width, 300), panel.height + 18), "white")  # a legend strip below
+    canvas.paste(panel, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, (name, color) in enumerate(OVERLAY_COLORS.items()):
+        draw.rectangle([4 + 100 * i, panel.height + 5, 14 + 100 * i, panel.height + 15], fill=color)
+        draw.text((18 + 100 * i, panel.height + 4), name, fill="black")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(panel).save(path)
+    canvas.save(path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ frozen backbone, or LoRA; MedMNIST 2D sets, CSV-indexed image sets or the proced
     python finetune_cls.py ... --mode=lora --lora_rank=16 --lora_alpha=32        # exported merged
     python finetune_cls.py config/cls_omnirad.py --init_from=dinov2_vits14.pth \
         --dataset=medmnist --data_path=chestmnist_224.npz                        # multi-label: BCE
-    python finetune_cls.py --dataset=csv --data_path=../shared/data/covid_cxr_xray256/images.csv
+    python finetune_cls.py --data_path=../shared/data/covid_cxr_xray256/images.csv
 
 Model selection: the epoch with the best validation macro-F1; its weights are then evaluated once on
 the official test split. The metrics (metrics.py) are hand-written (numpy) and follow the
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import data
 import model as vit_model
 from config import configure
+from figures import save_classification_figure
 from metrics import as_numpy, classification_metrics, mean_std
 from progress import format_duration
 from schedules import lr_at
@@ -41,7 +42,7 @@ from schedules import lr_at
 # (Classification) use config/cls_medmnist64.py.
 # ----------------------------------------------------------------------------------------------
 # data
-dataset = "phantom"              # "phantom" (data.PhantomDataset, no files), "medmnist" or "csv"
+dataset = ""                     # "phantom" (no files), "medmnist" or "csv"; "" = by data_path ("" = phantom)
 data_path = ""                   # medmnist: official .npz (or a name in ~/.medmnist); csv: index with a split column
 csv_label = "covid_vs_other"     # csv: a label column, or "covid_vs_other" (COVID-19 vs other findings)
 phantom_sizes = (512, 64, 128)   # phantom images per split (train, val, test)
@@ -246,7 +247,7 @@ def train_step(model, optimizer, images, labels, multi_label, weights=None, grad
 
 @torch.no_grad()
 def evaluate(model, loader, multi_label, device, autocast_dtype=None):
-    """classification_metrics over a loader, of the probabilities: softmax, or sigmoid per label."""
+    """(classification_metrics, labels, probabilities) over a loader: softmax, or sigmoid per label."""
     was_training = model.training
     model.eval()
     all_labels, all_probs = [], []
@@ -256,7 +257,8 @@ def evaluate(model, loader, multi_label, device, autocast_dtype=None):
         all_probs.append((logits.sigmoid() if multi_label else logits.softmax(-1)).cpu())
         all_labels.append(labels)
     model.train(was_training)
-    return classification_metrics(torch.cat(all_labels).numpy(), torch.cat(all_probs).numpy(), multi_label)
+    labels, probs = torch.cat(all_labels).numpy(), torch.cat(all_probs).numpy()
+    return classification_metrics(labels, probs, multi_label), labels, probs
 
 
 def format_row(runs):
@@ -270,7 +272,6 @@ def format_row(runs):
 # Data: every source gives {"train", "val", "test"} datasets of {"image": normalised (3,S,S), "label"}
 # ----------------------------------------------------------------------------------------------
 
-DATASETS = ("phantom", "medmnist", "csv")
 
 
 def load_splits(dataset, data_path, transforms, csv_label, phantom_sizes, phantom_px):
@@ -299,7 +300,7 @@ def load_splits(dataset, data_path, transforms, csv_label, phantom_sizes, phanto
                   for split in data.SPLITS}
         classes = ["other", "COVID-19"] if covid else splits["train"].classes
         return splits, (len(classes), False, classes)
-    raise ValueError(f"dataset {dataset!r}: expected one of {DATASETS}")
+    raise ValueError(f"dataset {dataset!r}: expected one of {data.DATA_KINDS}")
 
 
 def collate(items):
@@ -322,11 +323,10 @@ if __name__ == "__main__":
 
     # ---- checks: a bad setting stops here, naming its key, before any data is read or training starts
     for key, choices in (("mode", MODES), ("head", HEADS), ("head_features", HEAD_FEATURES),
-                         ("dataset", DATASETS), ("dtype", ("bfloat16", "float32"))):
+                         ("dtype", ("bfloat16", "float32"))):
         if config[key] not in choices:
             raise ValueError(f"--{key}={config[key]!r}: expected one of {choices}")
-    if dataset != "phantom" and not data_path:
-        raise ValueError(f"--dataset={dataset} needs --data_path (an official MedMNIST .npz, or a CSV index)")
+    dataset = data.data_kind(dataset, data_path)
     if mode == "lora" and (lora_rank < 1 or lora_alpha <= 0):
         raise ValueError(f"LoRA needs --lora_rank >= 1 and --lora_alpha > 0, got {lora_rank} and {lora_alpha}")
     if epochs < 1 or batch_size < 1 or not 0 <= warmup_epochs <= epochs:
@@ -407,7 +407,7 @@ if __name__ == "__main__":
                     print(f"seed {seed} | epoch {epoch}/{epochs} | step {step}/{total_steps} | loss {loss:.4f} | "
                           f"lr {optimizer.param_groups[0]['lr']:.2e} | {seen / elapsed:.0f} img/s | "
                           f"ETA {format_duration(eta)}")
-            val = evaluate(model, eval_loaders["val"], multi_label, dev, autocast_dtype)
+            val, _, _ = evaluate(model, eval_loaders["val"], multi_label, dev, autocast_dtype)
             improved = val["f1"] > best["val"]["f1"]
             print(f"seed {seed} | epoch {epoch}/{epochs} | val acc {100 * val['acc']:.2f} f1 {100 * val['f1']:.2f} "
                   f"auc {100 * val['auc']:.2f}" + (" (best)" if improved else ""))
@@ -417,7 +417,9 @@ if __name__ == "__main__":
 
         # ---- test: the official test split, once, with the weights of the selected epoch
         model.load_state_dict(best["state"])
-        test = evaluate(model, eval_loaders["test"], multi_label, dev, autocast_dtype)
+        test, test_labels, test_probs = evaluate(model, eval_loaders["test"], multi_label, dev, autocast_dtype)
+        save_classification_figure(test_labels, test_probs, class_names, multi_label,
+                                   Path(out_dir) / f"seed{seed}" / "test.png", f"test, seed {seed}")
         print(f"seed {seed} | test (epoch {best['epoch']} by val F1) | acc {100 * test['acc']:.2f} "
               f"f1 {100 * test['f1']:.2f} auc {100 * test['auc']:.2f} | {format_duration(time.time() - t_seed)}")
         run = {"seed": seed, "selected_epoch": best["epoch"], "val": best["val"], "test": test,

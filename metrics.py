@@ -78,6 +78,24 @@ def roc_auc(y_true, scores):
     return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
+def roc_curve(y_true, scores):
+    """(fpr, tpr) at every distinct score threshold, from (0, 0) to (1, 1), as scikit-learn's
+    roc_curve(drop_intermediate=False): the points whose trapezoids sum to roc_auc."""
+    y_true, scores = as_numpy(y_true).reshape(-1) == 1, as_numpy(scores).astype(np.float64).reshape(-1)
+    order = np.argsort(-scores, kind="mergesort")
+    y_true, scores = y_true[order], scores[order]
+    last_of_tie = np.r_[np.diff(scores) != 0, True]
+    tps, fps = np.cumsum(y_true)[last_of_tie], np.cumsum(~y_true)[last_of_tie]
+    return np.r_[0, fps] / max(fps[-1], 1), np.r_[0, tps] / max(tps[-1], 1)
+
+
+def confusion_matrix(y_true, y_pred, n_classes):
+    """counts[i, j]: images of class i predicted as class j."""
+    counts = np.zeros((n_classes, n_classes), np.int64)
+    np.add.at(counts, (as_numpy(y_true).astype(np.int64), as_numpy(y_pred).astype(np.int64)), 1)
+    return counts
+
+
 def roc_auc_ovr(y_true, probs):
     """Multi-class AUC: unweighted mean over classes of the one-vs-rest binary AUC of column c
     (sklearn's roc_auc_score(multi_class="ovr", average="macro"))."""

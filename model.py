@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 import kernels
@@ -272,7 +272,40 @@ class ViT(nn.Module):
         return tuple(patches)
 
 
-# ---------------------------------------------------------------------------- checkpoints on disk
+# ---------------------------------------------------------------------------- what a backbone sees: features, attention
+
+@torch.no_grad()
+def last_block_input(model, images):
+    """The tokens (B, 1+R+N, D) entering the last block."""
+    x = model.prepare_tokens(images)
+    for block in model.blocks[:-1]:
+        x = block(x)
+    return x
+
+
+def block_attention(block, x):
+    """softmax(q k^T / sqrt(d_head)) of `block`: (B, heads, T, T), from qkv, as the fused kernel never stores it."""
+    B, T, D = x.shape
+    heads = block.attn.num_heads
+    q, k, _ = block.attn.qkv(block.norm1(x)).reshape(B, T, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
+    return (q @ k.transpose(-2, -1) / math.sqrt(D // heads)).softmax(dim=-1)
+
+
+@torch.no_grad()
+def cls_attention_maps(model, images):
+    """The last layer's attention from the CLS token to each patch, per head: (B, heads, h, w)."""
+    attn = block_attention(model.blocks[-1], last_block_input(model, images))
+    h, w = images.shape[-2] // model.patch_size, images.shape[-1] // model.patch_size
+    return attn[:, :, 0, 1 + model.n_registers:].reshape(len(images), -1, h, w)
+
+
+def check_img_size(img_size, init_from, patch_size):
+    """Before any work: images must tile into patches of the backbone a stage will run (init_from's, read
+    from the file, or a new one's patch_size)."""
+    patch = load_backbone(init_from, verbose=False).patch_size if init_from else patch_size
+    if img_size % patch:
+        raise ValueError(f"img_size: expected a multiple of the backbone's patch size {patch}, found {img_size}")
+
 
 @torch.no_grad()
 def backbone_features(backbone, images, device, autocast=nullcontext, batch_size=256):
@@ -286,6 +319,8 @@ def backbone_features(backbone, images, device, autocast=nullcontext, batch_size
     backbone.train(was_training)
     return torch.cat(feats)
 
+
+# ---------------------------------------------------------------------------- checkpoints on disk
 
 def save_safetensors_atomic(tensors, path, metadata=None):
     """Write to a temp file in the same folder, fsync, then rename: a crash leaves the old file."""
@@ -323,6 +358,21 @@ def save_backbone(model, path):
     save_json_atomic({"format": "nanorad-vit", "config": config}, str(path) + ".json")
 
 
+def read_safetensors(path, tensors=True):
+    """(tensors, metadata) of a .safetensors file (tensors None when not asked for). A truncated or
+    foreign file is a one-line error naming it and the checkpoints beside it that could serve instead."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+        return (load_file(str(path)) if tensors else None), metadata
+    except SafetensorError as e:
+        others = sorted(p.name for p in path.parent.glob("*.safetensors") if p.name != path.name)
+        raise ValueError(f"{path}: expected a complete safetensors file, found an incomplete or foreign one ({e}); "
+                         + (f"other checkpoints in {path.parent}: {', '.join(others)}" if others
+                            else "no other checkpoint beside it")) from None
+
+
 def read_state_dict(path):
     """Tensors and safetensors metadata from .safetensors, or an official .pth (never unpickled
     beyond plain tensors: weights_only=True)."""
@@ -332,14 +382,15 @@ def read_state_dict(path):
     if not path.exists():
         raise FileNotFoundError(f"backbone file '{path}' not found")
     if path.suffix in (".pth", ".pt"):
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, ValueError) as e:  # torn zip, truncated pickle, a forbidden object
+            raise ValueError(f"{path}: expected a complete PyTorch state dict, found an unreadable file ({e})") from None
         for key in ("teacher", "model", "state_dict"):  # common wrappers around a state dict
             if isinstance(state, dict) and key in state and isinstance(state[key], dict):
                 state = state[key]
         return state, {}
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata() or {}
-    return load_file(str(path)), metadata
+    return read_safetensors(path)
 
 
 def strip_prefix(state):
@@ -928,7 +979,7 @@ def load_bart(path, **config_overrides):
     file = path / "model.safetensors" if path.is_dir() else path
     if not file.exists():
         raise FileNotFoundError(f"BART checkpoint '{file}' not found")
-    state = load_file(str(file))
+    state, _ = read_safetensors(file)
     hf_config = file.with_name("config.json")
     if hf_config.exists():
         config = bart_config_from_hf({**json.loads(hf_config.read_text()), **config_overrides})

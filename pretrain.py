@@ -35,13 +35,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from checkpoint import load_checkpoint, load_init_backbone, save_checkpoint
+from checkpoint import check_out_dir, load_checkpoint, load_init_backbone, save_checkpoint, start_run_files
 from data import (BatchedDinoAugmentation, MaskedCollate, MultiCropDataset, SourceImageDataset, StepBatchSampler,
                   auto_source_px, eval_tensors, item_seed, open_images)
 from distributed import rank, same_on_all_ranks, world_size
 from metrics import backbone_drift, format_drift, knn_predict
-from model import (DINOHead, ViT, backbone_features, export_hf, head_shape, load_dino_head, save_backbone,
-                   save_json_atomic, save_safetensors_atomic, vit_config)
+from figures import save_attention_rows, save_training_curves
+from model import (DINOHead, ViT, backbone_features, cls_attention_maps, export_hf, head_shape, load_dino_head,
+                   save_backbone, save_json_atomic, save_safetensors_atomic, vit_config)
 from schedules import build_schedules, param_groups
 
 # -----------------------------------------------------------------------------
@@ -52,6 +53,7 @@ init_from = ""            # backbone to continue from: DINOv2 .pth, HF Dinov2 / 
                           # pretrain.py checkpoint (its teacher). "" = random init
 init_head_from = ""       # a DINOv2-format DINO head (RAD-DINO's dino_head.safetensors, or ours); "" = fresh heads
 resume = False            # continue exactly from out_dir/ckpt.safetensors
+overwrite = False         # start afresh in an out_dir that holds an earlier run (else that is an error)
 ckpt_every = 40           # iterations between checkpoints (one more at the end)
 log_interval = 10
 # data
@@ -162,12 +164,10 @@ def ibot_loss(student_masked_logits, teacher_masked_probs, masks, student_temp=0
 
 
 def koleo_loss(x, eps=1e-8):
-    """KoLeoLoss: -mean log distance of each L2-normalised row to its nearest other row (the
-    Kozachenko-Leonenko entropy estimator), spreading the features over the sphere.
-    Under torchrun the rows are the global batch's (DINOv2 uses each GPU's batch alone; the global
-    batch makes a run independent of how many GPUs it is split over): every rank computes the same
-    value, only its own rows carry gradient, and scaling the gradient (not the value) by the world
-    size makes the rank-averaged gradient the full one."""
+    """KoLeoLoss: -mean log distance of each L2-normalised row to its nearest other row (the Kozachenko-Leonenko
+    entropy estimator), spreading the features over the sphere. Under torchrun, over the global batch (DINOv2:
+    each GPU's; ours does not depend on the GPU count): every rank computes the same value, only its rows carry
+    gradient, and scaling the gradient (not the value) by the world size makes the rank average the full one."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world > 1:
         rows = [torch.empty_like(x) for _ in range(world)]
@@ -367,10 +367,9 @@ if __name__ == "__main__":
     config = configure(globals())
 
     # -------------------------------------------------------------------- checks, before any work
-    if dtype not in ("bfloat16", "float32"):  # float16 would need a gradient scaler
-        raise ValueError(f"dtype: expected 'bfloat16' or 'float32', found {dtype!r}")
-    if centering not in ("sinkhorn_knopp", "centering"):
-        raise ValueError(f"centering: expected 'sinkhorn_knopp' or 'centering', found {centering!r}")
+    for key, choices in (("dtype", ("bfloat16", "float32")), ("centering", ("sinkhorn_knopp", "centering"))):
+        if config[key] not in choices:  # (float16 would need a gradient scaler)
+            raise ValueError(f"{key}: expected one of {choices}, found {config[key]!r}")
     for key, value in (("global_crops_size", global_crops_size), ("local_crops_size", local_crops_size)):
         if value % patch_size:
             raise ValueError(f"{key}={value}: expected a multiple of the patch size {patch_size}")
@@ -378,8 +377,6 @@ if __name__ == "__main__":
         raise ValueError(f"mask_ratio_min_max: expected (min, max) in [0, 1], found {mask_ratio_min_max}")
     if batch_size < 2 and koleo_loss_weight > 0:
         raise ValueError(f"batch_size={batch_size}: KoLeo needs at least 2 images per batch (or koleo_loss_weight=0)")
-    if resume and not (Path(out_dir) / "ckpt.safetensors").is_file():
-        raise FileNotFoundError(f"resume=True but {Path(out_dir) / 'ckpt.safetensors'} does not exist")
     if train_repeats and (len(train_repeats) != len(train_data) or not all(
             isinstance(r, int) and r >= 1 for r in train_repeats)):
         raise ValueError(f"train_repeats: expected one whole number >= 1 per train_data source "
@@ -387,6 +384,7 @@ if __name__ == "__main__":
     for path in [init_from, init_head_from] + [s for s in train_data if s != "phantom"]:
         if path and not Path(path).exists():
             raise FileNotFoundError(f"{path} not found (from init_from / init_head_from / train_data)")
+    check_out_dir(out_dir, resume, overwrite)
     n_local = 0 if global_crops_only else n_local_crops
     if augment_on_device:
         if augment_source_px == 0 and not global_crops_scale[0] > 0:
@@ -511,6 +509,8 @@ if __name__ == "__main__":
 
     # -------------------------------------------------------------------- training
     log_path = out / "log.jsonl"
+    if master:
+        start_run_files(out, start_step)
     last_ckpt_step = start_step if resume else None
     stopped = None
     if eval_sets:  # the drift monitor compares the teacher's features with its features at the start
@@ -577,20 +577,21 @@ if __name__ == "__main__":
     elapsed = time.time() - t0
     if master:
         if stopped == "rollback":
-            print(f"GUARD RAIL: k-NN accuracy fell more than {rollback_drop} below its best "
-                  f"{guard['best_score']:.4f} (step {guard['best_step']}); stopped. The best state is "
-                  f"{out / 'best.safetensors'}: continue from it with init_from= and init_head_from= set to that "
-                  f"file and a lower base_lr or a longer head_warmup_iters.")
+            print(f"GUARD RAIL: k-NN accuracy fell more than {rollback_drop} below its best {guard['best_score']:.4f} "
+                  f"(step {guard['best_step']}); stopped. Continue from {out / 'best.safetensors'} (init_from= and "
+                  f"init_head_from= that file) with a lower base_lr or a longer head_warmup_iters.")
         else:  # what downstream scripts load, and the DINO head for the next continual run's init_head_from=
             save_backbone(teacher["backbone"], out / "teacher_backbone.safetensors")
             export_hf(teacher["backbone"], out / "hf")
             save_safetensors_atomic(teacher["dino_head"].state_dict(), out / "dino_head.safetensors")
-        results = {"config": config, "steps_done": last_ckpt_step, "seconds": elapsed,
-                   "first_losses": first_losses, "last_losses": losses, "knn_history": history,
-                   "guard": guard, "stopped": stopped,
-                   "exports": None if stopped else {"backbone": str(out / "teacher_backbone.safetensors"),
-                                                    "hf": str(out / "hf"), "dino_head": str(out / "dino_head.safetensors")}}
+        results = {"config": config, "steps_done": last_ckpt_step, "seconds": elapsed, "first_losses": first_losses,
+                   "last_losses": losses, "knn_history": history, "guard": guard, "stopped": stopped}
         save_json_atomic(results, out / "results.json")
+        save_training_curves([json.loads(line) for line in open(log_path)], history, out / "curves.png")
+        if eval_sets:  # where the teacher's last block looks, per head, on three held-out images
+            images = eval_sets[1][0][:3]
+            save_attention_rows(images, cls_attention_maps(teacher["backbone"], images.to(device)).cpu(),
+                                out / "attention.png")
         print(f"done in {elapsed / 60:.1f} min: loss {first_losses['total'] if first_losses else float('nan'):.4f} "
               f"-> {losses['total'] if losses else float('nan'):.4f}; outputs in {out}")
     if ddp:

@@ -6,7 +6,7 @@ AUPRC; pictures: PCA / t-SNE maps, the last layer's CLS attention per head, patc
     python probe.py config/probe_pneumoniamnist.py --init_from=out/pretrain/teacher_backbone.safetensors
     python probe.py config/probe_breastmnist.py --seeds=0,1,2        # random init, three seeds
     python probe.py config/probe_covid_cxr.py          # COVID-19 vs other + sex / age metadata probe
-    python probe.py --dataset=csv --data_path=my/index.csv --label_column=finding --metadata_columns=()
+    python probe.py --data_path=my/index.csv --label_column=finding --metadata_columns=()
 
 Features are cached in out_dir/features/, keyed by backbone (a checkpoint's size and mtime), data, split, kind.
 """
@@ -27,12 +27,12 @@ import data
 from config import configure
 from figures import save_attention_figure, save_scatter, save_similarity_figure
 from metrics import accuracy, bootstrap_interval, knn_predict, mean_std, probe_metrics
-from model import ViT, load_backbone, save_json_atomic, save_safetensors_atomic, vit_config
+from model import ViT, check_img_size, cls_attention_maps, load_backbone, save_json_atomic, save_safetensors_atomic, vit_config
 
 # -----------------------------------------------------------------------------
 # config: overridden by config/*.py files and --key=value; the defaults probe a random ViT-tiny/8 on phantoms
 # data
-dataset = "phantom"           # "phantom" | "medmnist" | "csv"
+dataset = ""                  # "phantom" | "medmnist" | "csv"; "" = by data_path ("" = phantom)
 data_path = ""                # medmnist: an official .npz; csv: an index with image, split (+ label) columns
 label_column = ""             # csv: the column holding class names ...
 label_fn = "covid_vs_other"   # ... or the name of a label function in data.py (when label_column is "")
@@ -276,29 +276,7 @@ def tsne(x, perplexity=30.0, n_iter=750, seed=0):
             y = y + velocity
     return (y - y.mean(dim=0)).float()
 
-# attention and patch correspondences (RAD-DINO Fig. 3, Fig. A.2)
-@torch.no_grad()
-def last_block_input(model, images):
-    """The tokens (B, 1+R+N, D) entering the last block."""
-    x = model.prepare_tokens(images)
-    for block in model.blocks[:-1]:
-        x = block(x)
-    return x
-
-def block_attention(block, x):
-    """softmax(q k^T / sqrt(d_head)) of `block`: (B, heads, T, T), from qkv, as the fused kernel never stores it."""
-    B, T, D = x.shape
-    heads = block.attn.num_heads
-    q, k, _ = block.attn.qkv(block.norm1(x)).reshape(B, T, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
-    return (q @ k.transpose(-2, -1) / math.sqrt(D // heads)).softmax(dim=-1)
-
-@torch.no_grad()
-def cls_attention_maps(model, images):
-    """The last layer's attention from the CLS token to each patch, per head: (B, heads, h, w)."""
-    attn = block_attention(model.blocks[-1], last_block_input(model, images))
-    h, w = images.shape[-2] // model.patch_size, images.shape[-1] // model.patch_size
-    return attn[:, :, 0, 1 + model.n_registers:].reshape(len(images), -1, h, w)
-
+# patch correspondences (RAD-DINO Fig. A.2)
 @torch.no_grad()
 def patch_similarity(model, image_a, image_b, query_patches):
     """Cosine similarity (Q, h, w) of the last layer's patch tokens: patches (row, col) of image_a to all of image_b."""
@@ -312,10 +290,8 @@ if __name__ == "__main__":
     config = configure(globals())
 
     # checks, before any work (the dataset and model constructors check the rest)
-    if dataset not in ("phantom", "medmnist", "csv"):
-        raise ValueError(f"config 'dataset': expected 'phantom', 'medmnist' or 'csv', got {dataset!r}")
-    if dataset != "phantom" and not Path(data_path).is_file():
-        raise FileNotFoundError(f"config 'data_path': {dataset} needs an existing file, got {data_path!r}")
+    dataset = data.data_kind(dataset, data_path)
+    check_img_size(img_size, init_from, patch_size)
     if dataset == "csv" and not label_column and not hasattr(data, label_fn):
         raise ValueError(f"config 'label_fn': expected the name of a function in data.py, got {label_fn!r}")
     if feature_kind not in FEATURE_KINDS:

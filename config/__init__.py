@@ -4,9 +4,14 @@ A script defines its config as plain module globals (ints, floats, bools, string
 then calls `configure(globals())`. Each command-line argument is either a path to a `config/*.py`
 file, which is executed over those globals, or `--key=value`, which overrides one of them. Unknown
 keys and type mismatches are errors, so a typo never silently trains the wrong model.
+
+From `configure` on, a user error (a bad key or value, a missing or damaged file: the ValueError,
+KeyError, TypeError and OSError families) ends the script with one line on stderr, `error: ...`, and
+exit code 2; NANORAD_DEBUG=1 or --debug=True shows the traceback instead.
 """
 import ast
 import difflib
+import os
 import sys
 
 CONFIG_TYPES = (int, float, bool, str, tuple, type(None))
@@ -59,9 +64,28 @@ def check_type(key, old, new):
     return new
 
 
+USER_ERRORS = (ValueError, KeyError, TypeError, OSError)
+
+
+def report_user_errors(kind, error, traceback):
+    """sys.excepthook: a user error is one line and exit code 2; anything else (a bug) keeps its traceback."""
+    if not issubclass(kind, USER_ERRORS):
+        return sys.__excepthook__(kind, error, traceback)
+    message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    if "Original Traceback" in message:  # raised in a DataLoader worker: its own message is the last line
+        message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+    sys.stdout.flush()
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    os._exit(2)  # not sys.exit: DataLoader workers and process groups must not turn this into a traceback
+
+
 def configure(namespace, argv=None):
     """Apply config files and --key=value overrides to `namespace`; return the final config dict."""
     argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug=True" in argv or os.environ.get("NANORAD_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a not in ("--debug=True", "--debug=False")]
+    if not debug:
+        sys.excepthook = report_user_errors
     keys = set(config_keys(namespace))
     for arg in argv:
         if not arg.startswith("--"):

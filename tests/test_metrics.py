@@ -11,7 +11,7 @@ from nltk.stem.porter import PorterStemmer
 from nltk.translate.meteor_score import single_meteor_score
 from rouge_score import rouge_scorer
 
-from metrics import (accuracy, auprc_per_class, average_precision, bootstrap_interval, caption_metrics,
+from metrics import (accuracy, confusion_matrix, roc_curve, auprc_per_class, average_precision, bootstrap_interval, caption_metrics,
                      classification_metrics, confusion_counts, corpus_bleu, iou_and_dice, knn_predict, macro_f1,
                      mean_std, porter_stem, probe_metrics, roc_auc, roc_auc_ovr, roc_auc_per_class, rouge_l,
                      segmentation_metrics, sentence_meteor, tokenize_13a)
@@ -370,3 +370,21 @@ def test_caption_metrics_are_perfect_for_perfect_captions():
 def test_mean_std_is_the_population_std_over_seeds():
     assert mean_std([0.80, 0.84]) == {"mean": pytest.approx(0.82), "std": pytest.approx(0.02), "n": 2}
     assert mean_std([0.5]) == {"mean": 0.5, "std": 0.0, "n": 1}
+
+
+def test_roc_curve_equals_scikit_learn_and_its_trapezoids_sum_to_roc_auc(sklearn_metrics):
+    g = np.random.default_rng(0)
+    y = g.integers(0, 2, 300)
+    scores = np.round(g.random(300) + 0.4 * y, 1)  # rounded: many ties
+    fpr, tpr = roc_curve(y, scores)
+    ref_fpr, ref_tpr, _ = sklearn_metrics.roc_curve(y, scores, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, ref_fpr)
+    np.testing.assert_allclose(tpr, ref_tpr)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(roc_auc(y, scores))
+
+
+def test_confusion_matrix_equals_scikit_learn(sklearn_metrics):
+    g = np.random.default_rng(1)
+    y_true, y_pred = g.integers(0, 4, 200), g.integers(0, 4, 200)
+    np.testing.assert_array_equal(confusion_matrix(y_true, y_pred, 4),
+                                  sklearn_metrics.confusion_matrix(y_true, y_pred, labels=range(4)))

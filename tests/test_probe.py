@@ -7,10 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import ViT, ViTConfig
-from probe import (block_attention, cached_features, cls_attention_maps, cross_validate_probe, extract_features,
-                   grouped_folds, last_block_input, metadata_targets, patch_similarity, pca,
-                   train_linear_probe, tsne, tsne_affinities)
+from model import ViT, ViTConfig, block_attention, cls_attention_maps, last_block_input
+from probe import (cached_features, cross_validate_probe, extract_features, grouped_folds, metadata_targets,
+                   patch_similarity, pca, train_linear_probe, tsne, tsne_affinities)
 
 
 def separable_set(n, dim, margin, seed):
