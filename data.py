@@ -11,7 +11,8 @@ Constants
     IMAGENET_MEAN, IMAGENET_STD                      3-tuples of floats
     MEDMNIST: dict name -> MedMNISTInfo              the 12 official 2D datasets (task, label names,
                                                      n_channels, split sizes, md5 per size 28/64/128/224)
-    PHANTOM_CLASSES, PHANTOM_SEG_CLASSES             class names of the procedural dataset
+    PHANTOM_TASKS: {"lesions": PHANTOM_CLASSES, "anatomy": PHANTOM_ANATOMY_CLASSES}, PHANTOM_SEG_CLASSES
+                                                     class names of the procedural dataset
 MedMNIST (.npz, official file names)
     medmnist_filename(name, size=28) -> str          "breastmnist.npz", "breastmnist_64.npz", ...
     medmnist_url(name, size=28) -> str               official Zenodo URL
@@ -33,8 +34,8 @@ Image files
     SegmentationPairsDataset(csv_path, split=None, transform=None, threshold=127)  item {"image", "mask"}
     CaptionDataset(csv_path, split=None, transform=None)            item {"image", "caption"}
 Procedural default data (no files needed)
-    make_phantom(rng, img_size, label) -> {"image", "label", "mask", "caption"}
-    PhantomDataset(n, img_size=64, seed=0, split="train", transform=None, pair_transform=None)
+    make_phantom(rng, img_size, label, task="lesions") -> {"image", "label", "mask", "caption"}
+    PhantomDataset(n, img_size=64, seed=0, split="train", transform=None, pair_transform=None, task="lesions")
 Augmentations (tensors (3,H,W) or (B,3,H,W) in [0,1]; `generator=None` uses torch's global RNG;
 a batch gets one random draw per call)
     resize, center_crop, center_square, resize_mask, random_resized_crop_box (fallback_crop_size),
@@ -56,7 +57,8 @@ iBOT masking
     MaskingGenerator(grid_h, grid_w, min_num_patches=4, max_num_patches=None, min_aspect=0.3)
         (num_masking_patches, generator=None) -> bool (grid_h, grid_w); .add_block(mask, max_patches)
 Pretraining batches, a pure function of (seed, step) so that a resumed run sees the same ones
-    open_images(source, split, phantom_sizes, phantom_px, label_column=None)  "phantom", .npz, .csv, folder
+    open_images(source, split, phantom_sizes, phantom_px, label_column=None, phantom_task="lesions")
+        "phantom", .npz, .csv, folder
     StepBatchSampler(n_images, batch_size, seed, start_step, max_iters, rank, world_size)
         -> per step, this rank's keys (image index, crop seed, batch seed)
     MultiCropDataset(images, **DinoAugmentation kwargs)[key] -> that image's crops
@@ -647,8 +649,13 @@ class CaptionDataset(torch.utils.data.Dataset):
 # Procedural chest-radiograph phantoms: the default dataset, so every script runs with no files
 # ----------------------------------------------------------------------------------------------
 
-# Labels depend on what the lesions are, never on their side, so horizontal flips keep them valid.
+# Two tasks. "lesions" (classification, segmentation, captions): small findings inside the lungs.
+# "anatomy" (pretraining's default): findings that change the whole picture's structure and survive
+# cropping, so a self-supervised run can discover them without labels. Labels never depend on the
+# side, so horizontal flips keep them valid.
 PHANTOM_CLASSES = ("normal", "nodule", "multiple nodules", "consolidation")
+PHANTOM_ANATOMY_CLASSES = ("normal", "cardiomegaly", "pleural effusion", "interstitial pattern")
+PHANTOM_TASKS = {"lesions": PHANTOM_CLASSES, "anatomy": PHANTOM_ANATOMY_CLASSES}
 PHANTOM_SEG_CLASSES = ("background", "lung", "lesion")
 
 
@@ -658,14 +665,15 @@ def _soft_inside(d, radius, img_size):
     return np.clip(distance_px / 1.5 + 0.5, 0.0, 1.0)
 
 
-def make_phantom(rng, img_size, label):
+def make_phantom(rng, img_size, label, task="lesions"):
     """One frontal-chest-radiograph-like phantom drawn with `rng` (numpy Generator).
 
-    Dark background, soft-tissue body, two dark lungs, a bright heart, spine and ribs, noise; lesions
-    inside the lungs as `label` says (PHANTOM_CLASSES). Radiological convention: the patient's right
-    lung is on the image's left. Returns {"image": float32 (3,H,W) in [0,1], "label": int,
-    "mask": int64 (H,W) with PHANTOM_SEG_CLASSES indices, "caption": str}.
+    Dark background, soft-tissue body, two dark lungs, a bright heart, spine and ribs, noise; the
+    finding `label` of PHANTOM_TASKS[task]. Radiological convention: the patient's right lung is on
+    the image's left. Returns {"image": float32 (3,H,W) in [0,1], "label": int, "mask": int64 (H,W)
+    with PHANTOM_SEG_CLASSES indices, "caption": str}.
     """
+    finding = PHANTOM_TASKS[task][label]
     s = img_size
     coords = ((np.arange(s, dtype=np.float32) + 0.5) / s * 2 - 1)
     v, u = np.meshgrid(coords, coords, indexing="ij")  # v: down, u: right, both in [-1, 1]
@@ -685,6 +693,8 @@ def make_phantom(rng, img_size, label):
     lung_d = [ellipse(*lung) for lung in lungs]
     lung_soft = np.maximum(*[_soft_inside(d, min(l[2], l[3]), s) for d, l in zip(lung_d, lungs)])
     heart = (0.13 + jitter(0.04), 0.32 + jitter(0.04), 0.25 + jitter(0.03), 0.2 + jitter(0.03))
+    if finding == "cardiomegaly":  # a cardiothoracic ratio well above 0.5
+        heart = (heart[0] + 0.02, heart[1] - 0.08, heart[2] * 1.8, heart[3] * 1.7)
     heart_d = ellipse(*heart)
     heart_soft = _soft_inside(heart_d, heart[3], s)
     spine = np.clip((0.065 - np.abs(u - jitter(0.02))) * s / 3 + 0.5, 0, 1)
@@ -699,7 +709,11 @@ def make_phantom(rng, img_size, label):
     image = image - 0.24 * lung_soft + 0.2 * heart_soft + (0.13 * spine + 0.1 * ribs) * body
     lung_inside = [(d < 1) & (heart_d >= 1) for d in lung_d]  # the heart shadow hides the lung
 
-    lesion_field, lesion_hard, caption = _draw_lesions(rng, label, u, v, lungs, lung_inside, heart, s)
+    if task == "lesions":
+        lesion_field, lesion_hard, caption = _draw_lesions(rng, label, u, v, lungs, lung_inside, heart, s)
+    else:
+        lesion_field, caption = _draw_anatomy(rng, finding, u, v, lungs, lung_d, s)
+        lesion_hard = np.zeros(u.shape, dtype=bool)
     image = image + lesion_field
     image = image + rng.normal(0.0, rng.uniform(0.01, 0.03), (s, s))
     image = np.clip(image * rng.uniform(0.9, 1.15) + jitter(0.04), 0.0, 1.0).astype(np.float32)
@@ -771,20 +785,49 @@ def _draw_lesions(rng, label, u, v, lungs, lung_inside, heart, s):
     return field, hard, f"consolidation in the {side_names[lung_index]} {zone(lung_index, cv)} lung"
 
 
+def _draw_anatomy(rng, finding, u, v, lungs, lung_d, s):
+    """Intensity (H,W) and caption of an "anatomy" finding (cardiomegaly is drawn with the heart)."""
+    field = np.zeros_like(u)
+    if finding == "normal":
+        return field, "normal heart size, clear lungs"
+    if finding == "cardiomegaly":
+        return field, "enlarged cardiac silhouette"
+    if finding == "pleural effusion":  # fluid fills the lung base, its meniscus rising laterally
+        sides = (0, 1) if rng.uniform() < 0.3 else (int(rng.integers(2)),)
+        for i in sides:
+            cu, cv, ru, rv = lungs[i]
+            lateral = np.clip((u - cu) * (1 if i else -1) / ru, 0, 1)
+            level = cv + rv * rng.uniform(-0.05, 0.35) - 0.2 * rv * lateral
+            fluid = np.clip((v - level) * s / 3 + 0.5, 0, 1)
+            field += float(rng.uniform(0.22, 0.28)) * fluid * _soft_inside(lung_d[i], min(ru, rv), s)
+        where = "both" if len(sides) == 2 else ("right", "left")[sides[0]]
+        return field, f"pleural effusion, {where} side"
+    # interstitial pattern: a fine net of lines over both lungs
+    period = rng.uniform(0.16, 0.2)
+    net = np.zeros_like(u)
+    for angle in rng.uniform(0, np.pi, 3):
+        phase = (u * np.cos(angle) + v * np.sin(angle)) / period + rng.uniform()
+        net = np.maximum(net, np.cos(2 * np.pi * phase) ** 8)
+    lungs_soft = np.maximum(*[_soft_inside(d, min(l[2], l[3]), s) for d, l in zip(lung_d, lungs)])
+    return float(rng.uniform(0.1, 0.14)) * net * lungs_soft, "reticular interstitial pattern in both lungs"
+
+
 class PhantomDataset(torch.utils.data.Dataset):
     """`n` phantoms (see make_phantom), item i seeded by (seed, split, i): the same item every time,
     in any worker, in any order; different splits never share an image. Labels are uniform over
-    PHANTOM_CLASSES. `transform` applies to the image only (classification, DINO); for
+    PHANTOM_TASKS[task]. `transform` applies to the image only (classification, DINO); for
     segmentation give `pair_transform(image, mask) -> (image, mask)` instead."""
 
-    def __init__(self, n, img_size=64, seed=0, split="train", transform=None, pair_transform=None):
+    def __init__(self, n, img_size=64, seed=0, split="train", transform=None, pair_transform=None, task="lesions"):
         if transform is not None and pair_transform is not None:
             raise ValueError("give transform (image only) or pair_transform (image and mask), not both")
         if img_size < 16:
             raise ValueError(f"phantom img_size {img_size}: expected >= 16 px (lesions vanish below)")
         self.n, self.img_size, self.seed, self.split = n, img_size, seed, split
-        self.transform, self.pair_transform = transform, pair_transform
-        self.classes = list(PHANTOM_CLASSES)
+        if task not in PHANTOM_TASKS:
+            raise ValueError(f"phantom task: expected one of {tuple(PHANTOM_TASKS)}, found {task!r}")
+        self.transform, self.pair_transform, self.task = transform, pair_transform, task
+        self.classes = list(PHANTOM_TASKS[task])
 
     def __len__(self):
         return self.n
@@ -793,7 +836,7 @@ class PhantomDataset(torch.utils.data.Dataset):
         if not 0 <= i < self.n:
             raise IndexError(f"phantom index {i} out of range [0, {self.n})")
         rng = np.random.default_rng([self.seed, zlib.crc32(self.split.encode()), i])
-        item = make_phantom(rng, self.img_size, int(rng.integers(len(PHANTOM_CLASSES))))
+        item = make_phantom(rng, self.img_size, int(rng.integers(len(self.classes))), self.task)
         if self.transform:
             item["image"] = self.transform(item["image"])
         if self.pair_transform:
@@ -1422,12 +1465,14 @@ def data_kind(dataset, data_path):
     return kind
 
 
-def open_images(source, split, phantom_sizes=(2000, 500, 500), phantom_px=64, label_column=None):
+def open_images(source, split, phantom_sizes=(2000, 500, 500), phantom_px=64, label_column=None,
+                phantom_task="lesions"):
     """Images in [0, 1] from one source: "phantom", a MedMNIST .npz, a CSV index or a folder.
     Items {"image"} (and {"label"} when label_column is given for a CSV, always for npz/phantoms).
     phantom_sizes: phantom images per split (train, val, test)."""
     if source == "phantom":
-        return PhantomDataset(phantom_sizes[SPLITS.index(split)], img_size=phantom_px, seed=0, split=split)
+        return PhantomDataset(phantom_sizes[SPLITS.index(split)], img_size=phantom_px, seed=0, split=split,
+                              task=phantom_task)
     path = Path(source)
     if path.suffix == ".npz":
         return ArrayImageDataset(*load_medmnist(str(path), split))

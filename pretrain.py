@@ -2,7 +2,7 @@
 Self-supervised pretraining of a ViT as in DINOv2 (DINO + iBOT + KoLeo), with the two radiology recipes
 nanorad reproduces: OmniRad (global crops only) and RAD-DINO (multi-crop, continued from DINOv2 weights).
 
-    python pretrain.py                                    # phantoms, ViT-tiny/8, a few minutes on a CPU
+    python pretrain.py                                    # phantoms, ViT-tiny/8, ~1.5 min on a CPU: k-NN gain printed
     python pretrain.py config/medmnist_tiny.py            # real MedMNIST + chest X-ray images
     torchrun --standalone --nproc_per_node=8 pretrain.py config/omnirad_vits14.py --train_data="('/data/radimagenet',)"
     torchrun --standalone --nproc_per_node=8 pretrain.py config/raddino_vitb14.py --init_from=dinov2_vitb14_pretrain.pth
@@ -46,7 +46,7 @@ from model import (DINOHead, ViT, backbone_features, cls_attention_maps, export_
 from schedules import build_schedules, param_groups
 
 # -----------------------------------------------------------------------------
-# default config: ViT-tiny/8 at 64 px on the procedural phantoms, a few minutes on a laptop CPU
+# default config: ViT-tiny/8 (6 blocks) on the procedural anatomy phantoms, OmniRad's global crops, ~1.5 min on a CPU
 # I/O
 out_dir = "out/pretrain"
 init_from = ""            # backbone to continue from: DINOv2 .pth, HF Dinov2 / timm / nanorad safetensors, or a
@@ -63,6 +63,7 @@ train_repeats = ()        # times each train_data source appears in an epoch, e.
                           # source is seen about as often as a large one; () = once each
 phantom_sizes = (2000, 500, 500)  # phantom images per split (train, val, test) when a source is "phantom"
 phantom_px = 64
+phantom_task = "anatomy"  # "anatomy" (heart size, effusion, lung texture: learnable without labels) or "lesions"
 num_workers = 0           # DataLoader processes making the crops (0 = in the training process)
 augment_on_device = False  # True: the crops are made on the training device in batches (BatchedDinoAugmentation)
                            # -- for GPUs, where the CPU loader is the bottleneck; the loader only resizes images
@@ -77,7 +78,7 @@ n_registers = 0
 drop_path_rate = 0.1      # stochastic depth of the student (OmniRad 0.3)
 layerscale_init = 0.1     # DINOv2 1e-5; that makes every CLS token nearly identical at init, which a short
                           # run spends many steps undoing
-head_n_prototypes = 1024  # K of the DINO head (DINOv2 65536, OmniRad 131072)
+head_n_prototypes = 64    # K of the DINO head (DINOv2 65536, OmniRad 131072)
 head_hidden_dim = 512     # (DINOv2 2048)
 head_bottleneck_dim = 128  # (DINOv2 256)
 head_nlayers = 3
@@ -86,14 +87,13 @@ ibot_head_n_prototypes = 1024  # separate iBOT head only
 # crops and masks
 global_crops_size = 48    # px (DINOv2 224, RAD-DINO 518)
 local_crops_size = 24     # px (DINOv2 96, RAD-DINO 196)
-global_crops_only = False  # True: OmniRad (2 global crops, no local crops)
+global_crops_only = True  # True: OmniRad (2 global crops, no local crops); False: DINOv2 / RAD-DINO multi-crop
 n_local_crops = 8         # RAD-DINO / DINOv2: 8 local crops (ignored when global_crops_only)
-global_crops_scale = (0.32, 1.0)
+global_crops_scale = (0.5, 1.0)  # (DINOv2 0.32-1): a crop keeps the heart and both lung bases in view
 local_crops_scale = (0.05, 0.32)
-color_jitter = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue strengths, applied with p=0.8 (DINOv2)
-solarize_p = 0.2          # second global crop (DINOv2). On small radiographs both swamp the image (the
-                          # view_corr monitor; RESULTS.md)
-blur_probs = (1.0, 0.1, 0.5)  # Gaussian blur (sigma 0.1-2 px) of global crop 1, global crop 2, local crops (DINOv2)
+color_jitter = (0.2, 0.2, 0.0, 0.0)  # brightness, contrast, saturation, hue strengths, p=0.8 (DINOv2 .4 .4 .2 .1)
+solarize_p = 0.0          # second global crop (DINOv2 0.2); on small radiographs solarization and blur swamp the
+blur_probs = (0.0, 0.0, 0.0)  # image (view_corr; RESULTS.md). Blur of crop 1, crop 2, local crops (DINOv2 1 .1 .5)
 mask_probability = 0.5    # fraction of global crops that get iBOT masks
 mask_ratio_min_max = (0.1, 0.5)
 # losses
@@ -106,7 +106,7 @@ center_momentum = 0.9     # softmax centering only
 # optimisation (AdamW; every schedule is a per-iteration array indexed by the global step)
 batch_size = 32           # images per process; each image gives 2 global (+ local) crops
 max_iters = 120
-base_lr = 0.004           # for a global batch of 1024: lr = base_lr * sqrt(global batch / 1024) (DINOv2)
+base_lr = 0.01            # for a global batch of 1024: lr = base_lr * sqrt(global batch / 1024) (DINOv2)
 min_lr = 1e-6
 warmup_iters = 15         # linear lr warm-up (of the backbone, after the head warm-up)
 weight_decay = 0.04       # cosine from weight_decay to weight_decay_end
@@ -116,10 +116,10 @@ patch_embed_lr_mult = 0.2
 clip_grad = 3.0           # per module (backbone, each head), as DINOv2
 adamw_betas = (0.9, 0.999)
 freeze_last_layer_iters = 15  # the prototypes stay fixed at first: DINO's stability trick (DINOv2: 1 epoch)
-momentum_teacher = 0.99   # cosine to final_momentum_teacher (DINOv2 0.992, OmniRad 0.994 -> 1)
-final_momentum_teacher = 1.0
-warmup_teacher_temp = 0.04  # linear to teacher_temp over teacher_temp_warmup_iters, then constant;
-teacher_temp = 0.07         # a hotter teacher early on makes training collapse (DINO)
+momentum_teacher = 0.9    # cosine to final_momentum_teacher (DINOv2 0.992 -> 1, OmniRad 0.994 -> 1): a short run
+final_momentum_teacher = 0.98  # needs a teacher that keeps up with the student
+warmup_teacher_temp = 0.02  # linear to teacher_temp over teacher_temp_warmup_iters, then constant
+teacher_temp = 0.02         # (DINOv2 0.04 -> 0.07); the default's values: RESULTS.md, "The default run"
 teacher_temp_warmup_iters = 40
 # continual pretraining safeguards
 head_warmup_iters = None  # iterations with frozen backbones, training only the heads. None: max_iters // 10
@@ -351,9 +351,8 @@ def train_step(student, teacher, optimizer, batch, values, centers, clip_grad=3.
 
 
 def guard_rail(guard, step, score):
-    """The continual-pretraining guard rail on the teacher's k-NN score: records a new best (the caller
-    saves best.safetensors) and says whether the score fell more than rollback_drop below the best
-    (the caller stops). guard: {"rollback_drop", "best_score", "best_step"}. Returns (is_best, stop)."""
+    """The guard rail on the teacher's k-NN score: records a new best (the caller saves best.safetensors) and says
+    whether the score fell more than rollback_drop below it (the caller stops). Returns (is_best, stop)."""
     is_best = score > guard["best_score"]
     if is_best:
         guard.update(best_score=score, best_step=step)
@@ -412,10 +411,8 @@ if __name__ == "__main__":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     autocast = functools.partial(torch.autocast, device_type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-    if (device_type == "cpu" and dtype == "bfloat16" and master
-            and not getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()):
-        print("note: dtype=bfloat16 on a CPU without native bf16 matmuls (AVX512-BF16/AMX): likely slower than "
-              "--dtype=float32 here")
+    if device_type == "cpu" and dtype == "bfloat16" and master and not torch.cpu._is_avx512_bf16_supported():
+        print("note: dtype=bfloat16 on a CPU without native bf16 matmuls (AVX512-BF16/AMX): likely slower than float32")
     out = Path(out_dir)
     if master:
         out.mkdir(parents=True, exist_ok=True)
@@ -425,7 +422,7 @@ if __name__ == "__main__":
     # -------------------------------------------------------------------- data
     sources = list(train_data) or ["phantom"]
     repeats = list(train_repeats) or [1] * len(sources)
-    opened = [open_images(s, "train", phantom_sizes, phantom_px) for s in sources]
+    opened = [open_images(s, "train", phantom_sizes, phantom_px, phantom_task=phantom_task) for s in sources]
     train_images = torch.utils.data.ConcatDataset([d for d, r in zip(opened, repeats) for _ in range(r)])
     augmentation = dict(global_crops_size=global_crops_size, local_crops_size=local_crops_size, n_local_crops=n_local,
                         global_crops_scale=tuple(global_crops_scale), local_crops_scale=tuple(local_crops_scale),
@@ -438,9 +435,8 @@ if __name__ == "__main__":
     eval_sets = None
     if eval_data and eval_every > 0:
         label_column = eval_label_column if str(eval_data).endswith(".csv") else None
-        bank_set = open_images(eval_data, "train", phantom_sizes, phantom_px, label_column)
-        query_set = open_images(eval_data, "val", phantom_sizes, phantom_px, label_column)
-        bank, query = (eval_tensors(d, global_crops_size, eval_max_images) for d in (bank_set, query_set))
+        bank, query = (eval_tensors(open_images(eval_data, s, phantom_sizes, phantom_px, label_column, phantom_task),
+                                    global_crops_size, eval_max_images) for s in ("train", "val"))
         n_classes = int(max(bank[1].max(), query[1].max())) + 1
         eval_sets = (bank, query, n_classes)
     if master:
@@ -516,8 +512,8 @@ if __name__ == "__main__":
     if eval_sets:  # the drift monitor compares the teacher's features with its features at the start
         drift_images = eval_sets[1][0][:256]
         initial_feats = backbone_features(teacher["backbone"], drift_images, device, autocast)
-    t0 = time.time()
-    t_last, done_last, step_seconds, first_losses, losses = t0, start_step, None, None, None
+    t0 = t_last = time.time()
+    done_last, step_seconds, first_losses, losses = start_step, None, None, None
     data_iter = iter(loader)
     step = start_step
     while True:
@@ -594,6 +590,10 @@ if __name__ == "__main__":
                                 out / "attention.png")
         print(f"done in {elapsed / 60:.1f} min: loss {first_losses['total'] if first_losses else float('nan'):.4f} "
               f"-> {losses['total'] if losses else float('nan'):.4f}; outputs in {out}")
+        if history and history[0]["step"] == 0:  # what pretraining bought, on images it never trained on
+            first, last = history[0]["knn_acc"], history[-1]["knn_acc"]
+            print(f"k-NN accuracy on held-out {eval_data} images: {first:.4f} at step 0 ({init_from or 'random init'}) "
+                  f"-> {last:.4f} at step {history[-1]['step']} ({100 * (last - first):+.1f} points)")
     if ddp:
         dist.destroy_process_group()
     if stopped == "rollback":

@@ -2,7 +2,8 @@
 regression), DINO's k-NN and a metadata probe (CV grouped by patient), with 95% bootstrap intervals on the test AUROC /
 AUPRC; pictures: PCA / t-SNE maps, the last layer's CLS attention per head, patch similarity (RAD-DINO Fig. 3).
 
-    python probe.py                                    # phantoms, random init, < 3 min on a CPU
+    python probe.py                                    # phantoms, random init (pretrain.py's start), seconds on a CPU
+    python probe.py --init_from=out/pretrain/teacher_backbone.safetensors   # the same network after pretrain.py
     python probe.py config/probe_pneumoniamnist.py --init_from=out/pretrain/teacher_backbone.safetensors
     python probe.py config/probe_breastmnist.py --seeds=0,1,2        # random init, three seeds
     python probe.py config/probe_covid_cxr.py          # COVID-19 vs other + sex / age metadata probe
@@ -36,8 +37,9 @@ dataset = ""                  # "phantom" | "medmnist" | "csv"; "" = by data_pat
 data_path = ""                # medmnist: an official .npz; csv: an index with image, split (+ label) columns
 label_column = ""             # csv: the column holding class names ...
 label_fn = "covid_vs_other"   # ... or the name of a label function in data.py (when label_column is "")
-phantom_sizes = (600, 200, 200)  # phantom images per split (train, val, test)
-img_size = 64                 # images are resized to this (centre square crop first)
+phantom_sizes = (128, 200, 200)  # phantom images per split (train, val, test): 32 labels per class
+phantom_task = "anatomy"      # "anatomy" (pretrain.py's default task) or "lesions"
+img_size = 48                 # images are resized to this (centre square crop first); pretrain.py's crop size
 metadata_columns = ("sex", "age")   # csv only: tabular columns probed with grouped CV (RAD-DINO Table 7)
 group_column = "patientid"    # metadata probe: all images of one patient stay in one fold
 numeric_bin_edges = (20.0, 40.0, 60.0, 80.0)  # numeric metadata columns (age, years) are binned here
@@ -45,7 +47,7 @@ numeric_bin_edges = (20.0, 40.0, 60.0, 80.0)  # numeric metadata columns (age, y
 init_from = ""                # any backbone model.load_backbone reads; "" = RANDOM INIT (a baseline)
 model_size = "tiny"           # random init only: ViT size, patch and the size of its position grid
 patch_size = 8
-depth = 0                     # random init only: number of blocks (0 = the size's own)
+depth = 6                     # random init only: number of blocks (0 = the size's own); pretrain.py's
 layerscale_init = 0.1         # random init only: pretrain.py's default, so the baseline is pretraining's start
 feature_kind = "cls+mean"     # "cls" | "mean" | "cls+mean" (DINOv2 linear eval)
 layers = ()                   # block indices to concatenate; () = the last block
@@ -304,10 +306,10 @@ if __name__ == "__main__":
     # data: train / val / test (+ csv: every image, for the metadata probe), centre-cropped, resized, normalised
     transform = data.ClassificationTransform(img_size, train=False)
     if dataset == "phantom":
-        splits = {s: data.PhantomDataset(n, img_size=img_size, seed=0, split=s, transform=transform)
+        splits = {s: data.PhantomDataset(n, img_size, seed=0, split=s, transform=transform, task=phantom_task)
                   for s, n in zip(data.SPLITS, phantom_sizes)}
-        class_names = list(data.PHANTOM_CLASSES)
-        data_tag = f"phantom{img_size}-{'-'.join(map(str, phantom_sizes))}"
+        class_names = splits["train"].classes
+        data_tag = f"phantom-{phantom_task}{img_size}-{'-'.join(map(str, phantom_sizes))}"
     elif dataset == "medmnist":
         splits = {s: data.ArrayImageDataset(*data.load_medmnist(data_path, s), transform) for s in data.SPLITS}
         info = data.MEDMNIST.get(Path(data_path).stem.split("_")[0])

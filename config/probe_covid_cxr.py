@@ -5,3 +5,5 @@ data_path = "../shared/data/covid_cxr_xray256/images.csv"
 label_fn = "covid_vs_other"
 metadata_columns = ("sex", "age")
 out_dir = "out/probe_covid_cxr"
+img_size = 64                  # the medmnist_tiny backbones' crop size (probe.py's default is the phantom demo's 48)
+depth = 0                      # random init: all 12 blocks of ViT-tiny

@@ -2,3 +2,5 @@
 dataset = "medmnist"
 data_path = "../shared/data/pneumoniamnist.npz"
 out_dir = "out/probe_pneumoniamnist"
+img_size = 64                  # the medmnist_tiny backbones' crop size (probe.py's default is the phantom demo's 48)
+depth = 0                      # random init: all 12 blocks of ViT-tiny

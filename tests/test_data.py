@@ -395,6 +395,33 @@ def test_phantom_lesions_are_brighter_than_the_lung_around_them():
             assert item["image"][0][lesion].mean() > item["image"][0][lung].mean() + 0.1
 
 
+def test_anatomy_phantoms_show_their_finding():
+    """pretrain.py's default task: each finding changes what a crop of the whole chest shows. Per class,
+    the mean of: visible lung area (a large heart hides lung), how much brighter the lung base is than the
+    rest of the lung (fluid), and the fine texture inside the lungs (a net of lines)."""
+    ds = data.PhantomDataset(200, 64, seed=0, task="anatomy")
+    assert ds.classes == list(data.PHANTOM_ANATOMY_CLASSES)
+    rows = {name: [] for name in ds.classes}
+    for i in range(len(ds)):
+        item = ds[i]
+        image, lung = item["image"][0], item["mask"] == 1
+        assert set(item["mask"].unique().tolist()) == {0, 1}  # no lesion class in this task
+        lung_rows = lung.any(1).nonzero().flatten()
+        base = lung.clone()
+        base[: lung_rows.min() + (lung_rows.max() - lung_rows.min()) * 2 // 3] = False
+        texture = (image - torch.nn.functional.avg_pool2d(image[None, None], 3, 1, 1)[0, 0]).abs()[lung].mean()
+        rows[ds.classes[item["label"]]].append(
+            [lung.sum().item(), (image[base].mean() - image[lung & ~base].mean()).item(), texture.item()])
+    assert all(len(r) >= 30 for r in rows.values())  # labels uniform over the four classes
+    means = {name: np.mean(r, axis=0) for name, r in rows.items()}
+    assert means["cardiomegaly"][0] < 0.8 * min(m[0] for name, m in means.items() if name != "cardiomegaly")
+    assert means["pleural effusion"][1] > 3 * max(m[1] for name, m in means.items() if name != "pleural effusion")
+    assert means["interstitial pattern"][2] > 1.4 * max(m[2] for name, m in means.items()
+                                                        if name != "interstitial pattern")
+    with pytest.raises(ValueError, match="phantom task"):
+        data.PhantomDataset(4, 64, task="fractures")
+
+
 def flip_both(x, m):
     return data.random_horizontal_flip_pair(x, m, p=1.0)
 
