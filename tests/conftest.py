@@ -45,6 +45,13 @@ def one_cpu_thread():
     torch.set_num_threads(threads)
 
 
+def tiny_vit(seed=0, **config):
+    """A small random ViT for unit tests, seeded; `config` overrides ViTConfig's fields."""
+    from model import ViT, ViTConfig  # after the sys.path line above
+    torch.manual_seed(seed)
+    return ViT(ViTConfig(**{"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 3, "num_heads": 4, **config}))
+
+
 def cpu_env(**extra):
     """The environment of a script run in a test: on the CPU, also on a GPU machine."""
     return {**os.environ, "CUDA_VISIBLE_DEVICES": "", **extra}

@@ -1,13 +1,11 @@
 """The configurator: config files and --key=value overrides, with errors for typos and wrong types."""
 import ast
 import re
-from pathlib import Path
 
 import pytest
 
 from config import configure
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 
 
 def defaults():

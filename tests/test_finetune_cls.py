@@ -113,18 +113,18 @@ def test_head_only_training_leaves_backbone_bit_identical():
 # ---------------------------------------------------------------------------- the script end to end
 
 
-def run_script(tmp_path, *args):
+def run_finetune_cls(tmp_path, *args):
     return run_stage("finetune_cls.py", f"--out_dir={tmp_path}", *args)
 
 
 def test_bad_mode_is_an_error_before_any_work(tmp_path):
-    result = run_script(tmp_path, "--mode=lorra")
+    result = run_finetune_cls(tmp_path, "--mode=lorra")
     assert result.returncode != 0 and "--mode='lorra'" in result.stderr and "full" in result.stderr
     assert not (tmp_path / "results.json").exists()
 
 
 def test_script_runs_end_to_end_and_writes_the_table_row(tmp_path):
-    result = run_script(tmp_path, "--depth=1", "--img_size=32", "--epochs=1", "--phantom_sizes=(64,32,32)",
+    result = run_finetune_cls(tmp_path, "--depth=1", "--img_size=32", "--epochs=1", "--phantom_sizes=(64,32,32)",
                         "--seeds=0,1", "--mode=lora", "--log_interval=1")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "img/s" in result.stdout and "ETA" in result.stdout and "ACC" in result.stdout and " ± " in result.stdout

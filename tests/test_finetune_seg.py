@@ -8,18 +8,16 @@ import pytest
 import torch
 
 import finetune_seg as fs
-from conftest import run_stage
+from conftest import run_stage, tiny_vit
 from metrics import segmentation_metrics
-from model import ViT, ViTConfig
 
 
-def tiny_vit(patch_size=14, depth=4, seed=0):
-    torch.manual_seed(seed)
-    return ViT(ViTConfig(img_size=4 * patch_size, patch_size=patch_size, embed_dim=32, depth=depth, num_heads=2))
+def small_vit(patch_size=14, seed=0):
+    return tiny_vit(seed, img_size=4 * patch_size, patch_size=patch_size, embed_dim=32, depth=4, num_heads=2)
 
 
 def tiny_segmenter(head, patch_size=14, n_classes=3, seed=0):
-    vit = tiny_vit(patch_size, seed=seed)
+    vit = small_vit(patch_size, seed=seed)
     layers = fs.head_layers(head, vit.config.depth, linear_n_last=2 if head == "linear" else 1)
     seg_head = fs.build_head(head, vit.embed_dim, n_classes, omnirad_width=16,
                              linear_n_last=len(layers) if head == "linear" else 1, upernet_channels=16)
@@ -112,7 +110,7 @@ def test_short_run_on_phantoms_beats_all_background_dice():
     train_x, train_y = fs.stack_split(datasets["train"], 48)
     test_x, test_y = fs.stack_split(datasets["test"], 48)
     seg_head = fs.build_head("omnirad", 32, len(names), omnirad_width=32)
-    model = fs.FrozenBackboneSegmenter(tiny_vit(8), seg_head, (1, 2, 3))
+    model = fs.FrozenBackboneSegmenter(small_vit(8), seg_head, (1, 2, 3))
     cache = fs.cache_features(model, train_x, 32, torch.device("cpu"))
     optimizer = torch.optim.AdamW(model.head.parameters(), lr=3e-3, weight_decay=1e-4)
     generator = torch.Generator().manual_seed(0)

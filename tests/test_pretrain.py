@@ -470,7 +470,7 @@ TINY_RUN = ["--model_size=tiny", "--depth=2", "--patch_size=8", "--global_crops_
             "--phantom_task=lesions"]
 
 
-def run_script(args, timeout=300):
+def run_tiny_pretrain(args, timeout=300):
     """A one-thread CPU run of the tiny config (fp32, so resume is bitwise), also on a GPU machine."""
     return run_stage("pretrain.py", *TINY_RUN, *args, timeout=timeout, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
 
@@ -509,7 +509,7 @@ def test_killed_run_resumes_bitwise_even_in_the_middle_of_the_head_warmup(tmp_pa
 def assert_killed_run_resumes_to_the_same_weights(tmp_path, common, n):
     """Run n steps (checkpoint every step) in one go; run them again, SIGKILL it after step 3 and
     resume: the two final checkpoints must be bitwise equal. Returns the uninterrupted run."""
-    full = run_script(common + [f"--out_dir={tmp_path / 'full'}"])
+    full = run_tiny_pretrain(common + [f"--out_dir={tmp_path / 'full'}"])
     assert full.returncode == 0, full.stderr[-3000:]
 
     killed_dir = tmp_path / "killed"
@@ -524,7 +524,7 @@ def assert_killed_run_resumes_to_the_same_weights(tmp_path, common, n):
     killed_at = checkpoint_step(killed_dir)
     assert 3 <= killed_at < n, f"the run was not killed in time (checkpoint at step {killed_at})"
 
-    resumed = run_script(common + [f"--out_dir={killed_dir}", "--resume=True"])
+    resumed = run_tiny_pretrain(common + [f"--out_dir={killed_dir}", "--resume=True"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {killed_dir / 'ckpt.safetensors'} at step {killed_at}" in resumed.stdout
     assert_same_weights(tmp_path / "full" / "ckpt.safetensors", killed_dir / "ckpt.safetensors")
@@ -565,11 +565,11 @@ def test_interrupted_checkpoint_write_leaves_the_previous_checkpoint_loadable(tm
 
 def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "run"
-    first = run_script(["--max_iters=2", f"--out_dir={out}"])
+    first = run_tiny_pretrain(["--max_iters=2", f"--out_dir={out}"])
     assert first.returncode == 0, first.stderr[-3000:]
     before = (out / "ckpt.safetensors").read_bytes()
     # student_temp=0 divides the student logits by zero: the loss is NaN at the first resumed step
-    broken = run_script(["--max_iters=4", f"--out_dir={out}", "--resume=True", "--student_temp=0.0"])
+    broken = run_tiny_pretrain(["--max_iters=4", f"--out_dir={out}", "--resume=True", "--student_temp=0.0"])
     assert broken.returncode == 1
     assert "the loss is not finite" in broken.stderr and "ckpt.safetensors (step 2), left untouched" in broken.stderr
     assert (out / "ckpt.safetensors").read_bytes() == before
@@ -591,7 +591,7 @@ def assert_loss_falls_and_features_spread(log_path):
 
 def test_short_run_on_phantoms_lowers_the_loss_and_spreads_the_features(tmp_path):
     out = tmp_path / "run"
-    result = run_script(["--max_iters=40", f"--out_dir={out}", "--batch_size=16", "--phantom_sizes=(256,64,64)",
+    result = run_tiny_pretrain(["--max_iters=40", f"--out_dir={out}", "--batch_size=16", "--phantom_sizes=(256,64,64)",
                          "--eval_every=40", "--eval_max_images=128", "--base_lr=0.02", "--layerscale_init=0.1",
                          "--momentum_teacher=0.9"])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -698,17 +698,17 @@ def test_auto_source_size_keeps_the_smallest_global_crop_at_full_resolution():
 
 
 def test_augment_source_px_below_the_global_crop_size_is_an_error(tmp_path):
-    result = run_script(["--augment_on_device=True", "--augment_source_px=24", f"--out_dir={tmp_path}"])
+    result = run_tiny_pretrain(["--augment_on_device=True", "--augment_source_px=24", f"--out_dir={tmp_path}"])
     assert result.returncode != 0
     assert "augment_source_px=24: expected 0 (auto) or at least global_crops_size=32" in result.stderr
 
 
 def test_train_repeats_repeat_each_source_within_an_epoch(tmp_path):
-    result = run_script(['--train_data=("phantom", "phantom")', "--train_repeats=(1, 3)", "--phantom_sizes=(64,64,64)",
+    result = run_tiny_pretrain(['--train_data=("phantom", "phantom")', "--train_repeats=(1, 3)", "--phantom_sizes=(64,64,64)",
                          "--max_iters=1", f"--out_dir={tmp_path}"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "data: 256 training images from phantom, phantom x3;" in result.stdout
-    result = run_script(['--train_data=("phantom",)', "--train_repeats=(1, 3)", f"--out_dir={tmp_path}"])
+    result = run_tiny_pretrain(['--train_data=("phantom",)', "--train_repeats=(1, 3)", f"--out_dir={tmp_path}"])
     assert result.returncode != 0
     assert "train_repeats: expected one whole number >= 1 per train_data source (1), found (1, 3)" in result.stderr
 
@@ -716,7 +716,7 @@ def test_train_repeats_repeat_each_source_within_an_epoch(tmp_path):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16: CPU autocast, as config/medmnist_cpu.py
 def test_short_run_with_crops_made_on_the_device_lowers_the_loss(tmp_path, dtype):
     out = tmp_path / "run"
-    result = run_script(["--augment_on_device=True", "--max_iters=40", f"--out_dir={out}", "--batch_size=16",
+    result = run_tiny_pretrain(["--augment_on_device=True", "--max_iters=40", f"--out_dir={out}", "--batch_size=16",
                          "--phantom_sizes=(256,64,64)", "--base_lr=0.02", "--layerscale_init=0.1", "--momentum_teacher=0.9",
                          f"--dtype={dtype}"])
     assert result.returncode == 0, result.stderr[-3000:]

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import ViT, ViTConfig, block_attention, cls_attention_maps, last_block_input
+from conftest import tiny_vit
+from model import block_attention, cls_attention_maps, last_block_input
 from probe import (cached_features, cross_validate_probe, extract_features, grouped_folds, metadata_targets,
                    patch_similarity, pca, train_linear_probe, tsne, tsne_affinities)
 
@@ -21,13 +22,6 @@ def separable_set(n, dim, margin, seed):
     score = x @ w
     keep = score.abs() > margin
     return x[keep], (score[keep] > 0).long(), w
-
-
-def tiny_vit(n_registers=0, layerscale=1e-1):
-    torch.manual_seed(0)
-    cfg = ViTConfig(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=4, n_registers=n_registers,
-                    layerscale_init=layerscale)
-    return ViT(cfg).eval()
 
 
 # ---------------------------------------------------------------------------------------- linear probe
@@ -148,7 +142,7 @@ def test_tsne_keeps_three_distant_clusters_apart():
 
 @pytest.mark.parametrize("n_registers", [0, 2])
 def test_recomputed_last_block_attention_reproduces_the_block_output(n_registers):
-    model = tiny_vit(n_registers)
+    model = tiny_vit(n_registers=n_registers, layerscale_init=1e-1).eval()
     images = torch.randn(2, 3, 32, 32)
     x = last_block_input(model, images)
     block = model.blocks[-1]
@@ -169,7 +163,7 @@ def test_recomputed_last_block_attention_reproduces_the_block_output(n_registers
 
 
 def test_patch_similarity_of_an_image_with_itself_peaks_at_the_query_patch():
-    model = tiny_vit()
+    model = tiny_vit(layerscale_init=1e-1).eval()
     image = torch.randn(3, 32, 32)
     sims = patch_similarity(model, image, image, [(0, 0), (1, 2), (3, 3)])
     assert sims.shape == (3, 4, 4)
@@ -190,7 +184,7 @@ class ListDataset(torch.utils.data.Dataset):
 
 
 def test_extract_features_matches_forward_features_in_batches():
-    model = tiny_vit()
+    model = tiny_vit(layerscale_init=1e-1).eval()
     images, labels = torch.randn(7, 3, 32, 32), torch.arange(7) % 3
     feats, got_labels = extract_features(model, ListDataset(images, labels), batch_size=3, kind="cls+mean")
     out = model.forward_features(images)
@@ -201,7 +195,7 @@ def test_extract_features_matches_forward_features_in_batches():
 
 
 def test_feature_cache_is_reused_for_the_same_key(tmp_path):
-    model = tiny_vit()
+    model = tiny_vit(layerscale_init=1e-1).eval()
     data = ListDataset(torch.randn(5, 3, 32, 32), torch.zeros(5))
     first, _ = cached_features(tmp_path, "key", model, data, batch_size=8)
     with torch.no_grad():
