@@ -1,5 +1,6 @@
-"""nanorad data: MedMNIST, image files indexed by CSV, procedural radiograph phantoms, and the
-augmentations of DINOv2 / OmniRad / RAD-DINO, all in plain torch + numpy + pillow.
+"""nanorad data: MedMNIST, image files (PNG, JPEG, DICOM) in folders or indexed by CSV, procedural radiograph
+phantoms, and the augmentations of DINOv2 / OmniRad / RAD-DINO, all in plain torch + numpy + pillow (+ pydicom,
+optional, for DICOM files).
 
 Every image leaves this module as a float32 tensor (3, H, W) in [0, 1] (gray replicated to three
 channels) until a transform normalises it with the ImageNet statistics the ViT was trained with.
@@ -24,15 +25,24 @@ MedMNIST (.npz, official file names)
                                       labels int64 (N,), or (N,14) in {0,1} for chestmnist)
     file_md5(path) -> str
     ArrayImageDataset(images, labels=None, transform=None)           item {"image", "label"}
-Image files
-    read_image(path) -> float (3,H,W) in [0,1]       PNG/JPEG, 1/8/16-bit gray, palette, RGB(A)
+Image files (`intensity`: how 16-bit gray without a display window becomes [0,1], one of INTENSITIES: "full_range"
+(default: value / the format's largest value, 65535 for a PNG), "minmax", "percentile" (for 12-bit data in 16 bits))
+    read_image(path, intensity="full_range") -> float (3,H,W) in [0,1]
+                                                     PNG/JPEG, 1/8/16-bit gray, palette, RGB(A); DICOM (.dcm)
+    read_dicom(path, intensity="full_range")         pydicom (optional): modality LUT -> VOI LUT / window,
+                                                     MONOCHROME1 inverted, RGB/YBR/palette as RGB, 1 frame;
+                                                     no pydicom: MissingDependencyError (a ValueError)
+        dicom_pixels(ds, path), dicom_gray_to_unit(ds, pixels, intensity), dicom_stored_range(ds),
+        dicom_window_to_unit(values, ds); intensity_bounds(values, intensity, full_range), to_unit_range
     read_mask(path, threshold=127) -> int64 (H,W)    {0,1} by threshold, or raw class indices (None)
     read_csv_rows(csv_path, split=None, path_columns=("image",), required_columns=()) -> list[dict]
     ImageFolderDataset(root_or_csv, split=None, label_column=None, classes=None, label_fn=None,
-                       transform=None, image_column="image")    item {"image"} or {"image", "label"}
+                       transform=None, image_column="image", intensity="full_range")
+                                                     item {"image"} or {"image", "label"}
     covid_vs_other(row) -> 1 / 0 / None              label_fn for covid_cxr_xray256 ("todo" dropped)
-    SegmentationPairsDataset(csv_path, split=None, transform=None, threshold=127)  item {"image", "mask"}
-    CaptionDataset(csv_path, split=None, transform=None)            item {"image", "caption"}
+    SegmentationPairsDataset(csv_path, split=None, transform=None, threshold=127, intensity="full_range")
+                                                     item {"image", "mask"}
+    CaptionDataset(csv_path, split=None, transform=None, intensity="full_range")   item {"image", "caption"}
 Procedural default data (no files needed)
     make_phantom(rng, img_size, label, task="lesions") -> {"image", "label", "mask", "caption"}
     PhantomDataset(n, img_size=64, seed=0, split="train", transform=None, pair_transform=None, task="lesions")
@@ -57,8 +67,8 @@ iBOT masking
     MaskingGenerator(grid_h, grid_w, min_num_patches=4, max_num_patches=None, min_aspect=0.3)
         (num_masking_patches, generator=None) -> bool (grid_h, grid_w); .add_block(mask, max_patches)
 Pretraining batches, a pure function of (seed, step) so that a resumed run sees the same ones
-    open_images(source, split, phantom_sizes, phantom_px, label_column=None, phantom_task="lesions")
-        "phantom", .npz, .csv, folder
+    open_images(source, split, phantom_sizes, phantom_px, label_column=None, phantom_task="lesions",
+                intensity="full_range")      "phantom", .npz, .csv, folder of PNG/JPEG/DICOM files
     StepBatchSampler(n_images, batch_size, seed, start_step, max_iters, rank, world_size)
         -> per step, this rank's keys (image index, crop seed, batch seed)
     MultiCropDataset(images, **DinoAugmentation kwargs)[key] -> that image's crops
@@ -426,7 +436,36 @@ class ArrayImageDataset(torch.utils.data.Dataset):
 # Image files and CSV indexes
 # ----------------------------------------------------------------------------------------------
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
+# How a gray image with more than 8 bits and no display window of its own (16-bit PNG, DICOM without a VOI LUT
+# or Window Center / Width) becomes [0, 1]; read_image's docstring says what each does and which to choose
+INTENSITIES = ("full_range", "minmax", "percentile")
+INTENSITY_PERCENTILES = (0.5, 99.5)  # "percentile": a few hot or dead pixels (labels, collimator edges) ignored
+
+
+def check_intensity(intensity):
+    if intensity not in INTENSITIES:
+        raise ValueError(f"intensity: expected one of {', '.join(INTENSITIES)}, found {intensity!r}")
+
+
+def intensity_bounds(values, intensity, full_range):
+    """The gray values (low, high) that become 0 and 1: `full_range` (the range the file format can hold),
+    the image's own minimum and maximum, or its 0.5 and 99.5 percentiles."""
+    check_intensity(intensity)
+    if intensity == "full_range":
+        return full_range
+    if intensity == "minmax":
+        return values.min(), values.max()
+    return tuple(np.percentile(values, INTENSITY_PERCENTILES))
+
+
+def to_unit_range(values, low, high):
+    """float32 (values - low) / (high - low), clipped to [0, 1]; when high <= low (a constant image, a
+    one-value window), the limit of that ramp: 1 above low, else 0."""
+    values = np.asarray(values, dtype=np.float32)
+    if high <= low:
+        return (values > low).astype(np.float32)
+    return np.clip((values - np.float32(low)) / np.float32(high - low), 0.0, 1.0)
 
 
 def _open_image(path):
@@ -438,20 +477,31 @@ def _open_image(path):
             image = Image.open(f)
             image.load()
     except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{path}: not a readable image ({e}); expected PNG or JPEG") from e
+        raise ValueError(f"{path}: not a readable image ({e}); expected PNG, JPEG or DICOM (.dcm)") from e
     return image
 
 
-def read_image(path):
-    """Any PNG/JPEG as float32 (3,H,W) in [0,1]. 16-bit gray is scaled by 1/65535 (not stretched
-    per image, so intensities stay comparable across a dataset); gray is replicated to 3 channels;
-    an alpha channel is dropped."""
+def read_image(path, intensity="full_range"):
+    """Any PNG/JPEG/DICOM (.dcm, read_dicom) as float32 (3,H,W) in [0,1]; gray is replicated to 3
+    channels, an alpha channel is dropped. 8-bit and colour images: value / 255.
+
+    `intensity` maps 16-bit gray PNGs (and DICOMs without a window of their own) to [0, 1]:
+      "full_range" (the default): value / 65535, the same division for every image, so intensities stay
+          comparable across a dataset and results stay those of earlier versions. A 12-bit X-ray stored in
+          16 bits then spans only [0, 0.0625]: choose "percentile" for such data.
+      "minmax": the image's own minimum -> 0, maximum -> 1 (stretched per image).
+      "percentile": the image's 0.5 and 99.5 percentiles -> 0 and 1, clipped: stretched per image and robust
+          to a few extreme pixels; the recommended choice for 12-bit radiographs stored in 16 bits.
+    """
+    check_intensity(intensity)
+    if Path(path).suffix.lower() == ".dcm":
+        return read_dicom(path, intensity)
     image = _open_image(path)
     mode = image.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # Pillow opens 16-bit PNGs as "I;16" (or "I" in older versions): a 0..65535 range
-        array = np.asarray(image).astype(np.float32) / 65535.0
-        tensor = torch.from_numpy(np.clip(array, 0.0, 1.0))[None]
+        values = np.asarray(image)
+        tensor = torch.from_numpy(to_unit_range(values, *intensity_bounds(values, intensity, (0, 65535))))[None]
     elif mode in ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV"):
         if mode in ("1", "LA"):
             image = image.convert("L")
@@ -463,6 +513,134 @@ def read_image(path):
     else:
         raise ValueError(f"{path}: image mode {mode}, expected 8/16-bit gray (L, I;16), palette or RGB(A)")
     return tensor.expand(3, -1, -1).contiguous() if tensor.shape[0] == 1 else tensor.contiguous()
+
+
+# ---- DICOM, through pydicom (optional: imported only when a .dcm file is read) ----
+
+class MissingDependencyError(ModuleNotFoundError, ValueError):
+    """An optional package is not installed: an ImportError to code that catches those, and a ValueError so
+    that a stage script ends with the one-line `error: ...` of a user error (config.USER_ERRORS)."""
+
+
+def _import_pydicom(path):
+    try:
+        import pydicom
+        import pydicom.pixels
+    except ImportError as e:
+        raise MissingDependencyError(f"{path}: reading DICOM files needs pydicom, which is not installed: "
+                                     f"pip install pydicom") from e
+    return pydicom
+
+
+def _one_line(error):
+    return " ".join(str(error).split())
+
+
+def read_dicom(path, intensity="full_range"):
+    """A single-frame DICOM file as float32 (3,H,W) in [0,1], as a viewer would show it. Gray:
+    stored values -> modality LUT (Rescale Slope / Intercept or Modality LUT Sequence) -> the VOI LUT
+    Sequence, else the first Window Center / Width, else `intensity` (read_image; "full_range" is the range
+    the stored bits can hold) -> [0,1]; MONOCHROME1 inverted so that bone is bright in every image. Colour:
+    RGB, YBR (converted to RGB by pydicom) and palette (pydicom's apply_color_lut), / the largest value of their bits.
+    Multi-frame files are an error (save the frames you want as single files): nanorad reads 2D images."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"image file {path} not found")
+    pydicom = _import_pydicom(path)
+    try:
+        ds = pydicom.dcmread(path)
+    except (pydicom.errors.InvalidDicomError, EOFError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable DICOM file ({_one_line(e)})") from e
+    n_frames = int(ds.get("NumberOfFrames") or 1)
+    if n_frames > 1:
+        raise ValueError(f"{path}: a multi-frame DICOM ({n_frames} frames); nanorad reads single 2D images, "
+                         f"save the frames you want as single-frame files")
+    pixels = dicom_pixels(ds, path)
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    if photometric in ("MONOCHROME1", "MONOCHROME2"):
+        unit = dicom_gray_to_unit(ds, pixels, intensity)
+        tensor = torch.from_numpy(1.0 - unit if photometric == "MONOCHROME1" else unit)[None]
+        return tensor.expand(3, -1, -1).contiguous()
+    if photometric == "PALETTE COLOR":
+        rgb = pydicom.pixels.apply_color_lut(pixels, ds)
+        max_value = 2 ** ds.RedPaletteColorLookupTableDescriptor[2] - 1
+    elif photometric == "RGB" or photometric.startswith("YBR"):  # pydicom has converted YBR to RGB
+        rgb, max_value = pixels, 2 ** ds.BitsStored - 1
+    else:
+        raise ValueError(f"{path}: Photometric Interpretation {photometric!r}, expected MONOCHROME1/2, RGB, YBR_* "
+                         f"or PALETTE COLOR")
+    return torch.from_numpy(to_unit_range(rgb, 0, max_value)).permute(2, 0, 1).contiguous()
+
+
+def dicom_pixels(ds, path):
+    """The decoded pixel array of a dataset (YBR converted to RGB, pydicom's default), or a ValueError that names
+    the file and, for a compressed transfer syntax, the decoder packages pydicom would need."""
+    import pydicom.pixels
+    try:
+        return ds.pixel_array
+    # pydicom raises AttributeError for a missing element (no pixel data, no transfer syntax), ValueError for
+    # truncated pixel data, RuntimeError and NotImplementedError when no installed decoder can read it
+    except (AttributeError, ValueError, RuntimeError, NotImplementedError) as e:
+        syntax = ds.file_meta.get("TransferSyntaxUID")
+        message = f"{path}: cannot decode its pixel data" + (f" ({syntax.name})" if syntax else "")
+        message += f": {_one_line(e)}"
+        if syntax is not None and syntax.is_compressed:
+            try:
+                decoder = pydicom.pixels.get_decoder(syntax)
+            except NotImplementedError:  # pydicom has no decoder at all for this syntax
+                decoder = None
+            # pydicom lists the packages it lacks only when none of its plugins could try; when an installed
+            # one tried and failed (Pillow on 12-bit JPEG), the others' requirements say what to install
+            if decoder is not None and decoder.is_available and decoder.missing_dependencies:
+                message += f"; other decoders of it need {'; '.join(decoder.missing_dependencies)}"
+        raise ValueError(message) from e
+
+
+def dicom_gray_to_unit(ds, pixels, intensity):
+    """Gray stored values -> modality LUT -> VOI LUT, else the first window, else `intensity` -> float32
+    (H,W) in [0,1], darkest = 0 as stored (MONOCHROME1 is inverted by the caller)."""
+    from pydicom.pixels import apply_modality_lut, apply_voi
+    values = apply_modality_lut(pixels, ds)
+    if ds.get("VOILUTSequence"):
+        # a table made for this image's display, indexed by integer modality values, outputs of its nominal depth
+        lut_bits = ds.VOILUTSequence[0].LUTDescriptor[2]
+        return to_unit_range(apply_voi(np.rint(values).astype(np.int64), ds), 0, 2 ** lut_bits - 1)
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        return dicom_window_to_unit(values, ds)
+    return to_unit_range(values, *intensity_bounds(values, intensity, dicom_stored_range(ds)))
+
+
+def dicom_stored_range(ds):
+    """The modality values the stored bits can hold (pydicom's apply_windowing maps a window onto the
+    same range): Bits Stored, signed or not, through Rescale Slope / Intercept; a Modality LUT's outputs
+    are unsigned of the table's nominal depth (PS3.3 C.11.1.1.1)."""
+    from pydicom.pixels import apply_modality_lut
+    if ds.get("ModalityLUTSequence"):
+        return 0.0, 2.0 ** ds.ModalityLUTSequence[0].LUTDescriptor[2] - 1
+    bits = ds.BitsStored
+    stored = (0, 2 ** bits - 1) if ds.PixelRepresentation == 0 else (-2 ** (bits - 1), 2 ** (bits - 1) - 1)
+    ends = apply_modality_lut(np.array(stored, dtype=np.float64), ds)
+    return float(ends.min()), float(ends.max())  # a negative slope swaps the ends
+
+
+def _first_value(element):
+    """A DICOM element's value, or its first one when it holds several (alternative windows)."""
+    return float(element.value[0] if element.VM > 1 else element.value)
+
+
+def dicom_window_to_unit(values, ds):
+    """The first Window Center / Width as a ramp from 0 to 1 (PS3.3 C.11.2.1.2): LINEAR (the default, whose
+    window is [c - 0.5 - (w - 1) / 2, c - 0.5 + (w - 1) / 2]), LINEAR_EXACT ([c - w / 2, c + w / 2]) or SIGMOID."""
+    center, width = _first_value(ds["WindowCenter"]), _first_value(ds["WindowWidth"])
+    function = str(ds.get("VOILUTFunction") or "LINEAR").strip().upper()
+    width_ok = width >= 1 if function == "LINEAR" else width > 0
+    if function not in ("LINEAR", "LINEAR_EXACT", "SIGMOID") or not width_ok:
+        raise ValueError(f"{ds.filename}: VOI LUT Function {function} with Window Width {width}: expected LINEAR "
+                         f"(width >= 1), LINEAR_EXACT or SIGMOID (width > 0)")
+    if function == "SIGMOID":
+        return (1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))).astype(np.float32)
+    if function == "LINEAR":
+        center, width = center - 0.5, width - 1
+    return to_unit_range(values, center - width / 2, center + width / 2)
 
 
 def read_mask(path, threshold=127):
@@ -536,13 +714,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     whole CSV, so every split gets the same mapping. Or `label_fn(row) -> label`. Rows whose label is
     blank (or label_fn returns None) are dropped; `self.rows` holds the kept rows, in item order,
     for metadata (sex, age, ...). Item: {"image": transform(float (3,H,W)), "label": int} (no
-    "label" when unlabelled).
+    "label" when unlabelled). `intensity`: how 16-bit images become [0, 1] (read_image).
     """
 
     def __init__(self, root_or_csv, split=None, label_column=None, classes=None, label_fn=None,
-                 transform=None, image_column="image"):
+                 transform=None, image_column="image", intensity="full_range"):
+        check_intensity(intensity)
         root = Path(root_or_csv)
-        self.transform = transform
+        self.transform, self.intensity = transform, intensity
         if label_column is not None and label_fn is not None:
             raise ValueError("give label_column or label_fn, not both")
         if root.is_dir():
@@ -554,7 +733,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             self.rows = [{image_column: str(p)} for p in paths]
             self.labels, self.classes = None, None
             self.paths = [str(p) for p in paths]
-            read_image(self.paths[0])  # a file that cannot be decoded stops a script here, before any work
+            read_image(self.paths[0], intensity)  # a file that cannot be decoded stops a script here, before any work
             return
         if not root.is_file():
             raise FileNotFoundError(f"{root} not found: expected an image folder or a CSV index")
@@ -584,13 +763,13 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.rows, self.labels = rows, labels
         self.paths = [row[image_column] for row in rows]
         if self.paths:
-            read_image(self.paths[0])  # a file that cannot be decoded stops a script here, before any work
+            read_image(self.paths[0], intensity)  # a file that cannot be decoded stops a script here, before any work
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        image = read_image(self.paths[i])
+        image = read_image(self.paths[i], self.intensity)
         item = {"image": self.transform(image) if self.transform else image}
         if self.labels is not None:
             item["label"] = self.labels[i]
@@ -600,12 +779,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 class SegmentationPairsDataset(torch.utils.data.Dataset):
     """Image/mask pairs from a CSV index (columns `image`, `mask`; masks binarised at `threshold`,
     or class indices with threshold=None). Item: {"image", "mask"} after transform(image, mask);
-    untransformed: float (3,H,W) and int64 (H,W)."""
+    untransformed: float (3,H,W) and int64 (H,W). `intensity`: how 16-bit images become [0, 1] (read_image)."""
 
     def __init__(self, csv_path, split=None, transform=None, threshold=127, image_column="image",
-                 mask_column="mask"):
+                 mask_column="mask", intensity="full_range"):
+        check_intensity(intensity)
         self.rows = read_csv_rows(csv_path, split, path_columns=(image_column, mask_column))
         self.csv_path, self.transform, self.threshold = Path(csv_path), transform, threshold
+        self.intensity = intensity
         self.image_column, self.mask_column = image_column, mask_column
 
     def __len__(self):
@@ -613,7 +794,7 @@ class SegmentationPairsDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         row = self.rows[i]
-        image = read_image(row[self.image_column])
+        image = read_image(row[self.image_column], self.intensity)
         mask = read_mask(row[self.mask_column], self.threshold)
         if image.shape[1:] != mask.shape:
             raise ValueError(f"{self.csv_path}: mask {row[self.mask_column]} is {tuple(mask.shape)}, "
@@ -624,9 +805,12 @@ class SegmentationPairsDataset(torch.utils.data.Dataset):
 
 
 class CaptionDataset(torch.utils.data.Dataset):
-    """Image/caption pairs from a CSV index (columns `image`, `caption`). Item: {"image", "caption"}."""
+    """Image/caption pairs from a CSV index (columns `image`, `caption`). Item: {"image", "caption"}.
+    `intensity`: how 16-bit images become [0, 1] (read_image)."""
 
-    def __init__(self, csv_path, split=None, transform=None, image_column="image", caption_column="caption"):
+    def __init__(self, csv_path, split=None, transform=None, image_column="image", caption_column="caption",
+                 intensity="full_range"):
+        check_intensity(intensity)
         self.rows = read_csv_rows(csv_path, split, path_columns=(image_column,),
                                   required_columns=(caption_column,))
         for row in self.rows:
@@ -634,13 +818,14 @@ class CaptionDataset(torch.utils.data.Dataset):
                 raise ValueError(f"{csv_path}: {image_column} {row[image_column]} has an empty "
                                  f"'{caption_column}', expected text")
         self.transform, self.image_column, self.caption_column = transform, image_column, caption_column
+        self.intensity = intensity
 
     def __len__(self):
         return len(self.rows)
 
     def __getitem__(self, i):
         row = self.rows[i]
-        image = read_image(row[self.image_column])
+        image = read_image(row[self.image_column], self.intensity)
         return {"image": self.transform(image) if self.transform else image,
                 "caption": row[self.caption_column].strip()}
 
@@ -1466,10 +1651,12 @@ def data_kind(dataset, data_path):
 
 
 def open_images(source, split, phantom_sizes=(2000, 500, 500), phantom_px=64, label_column=None,
-                phantom_task="lesions"):
-    """Images in [0, 1] from one source: "phantom", a MedMNIST .npz, a CSV index or a folder.
+                phantom_task="lesions", intensity="full_range"):
+    """Images in [0, 1] from one source: "phantom", a MedMNIST .npz, a CSV index or a folder (PNG, JPEG, DICOM).
     Items {"image"} (and {"label"} when label_column is given for a CSV, always for npz/phantoms).
-    phantom_sizes: phantom images per split (train, val, test)."""
+    phantom_sizes: phantom images per split (train, val, test); intensity: how 16-bit image files become
+    [0, 1] (read_image)."""
+    check_intensity(intensity)
     if source == "phantom":
         return PhantomDataset(phantom_sizes[SPLITS.index(split)], img_size=phantom_px, seed=0, split=split,
                               task=phantom_task)
@@ -1477,9 +1664,9 @@ def open_images(source, split, phantom_sizes=(2000, 500, 500), phantom_px=64, la
     if path.suffix == ".npz":
         return ArrayImageDataset(*load_medmnist(str(path), split))
     if path.suffix == ".csv":
-        return ImageFolderDataset(path, split=split, label_column=label_column)
+        return ImageFolderDataset(path, split=split, label_column=label_column, intensity=intensity)
     if path.is_dir():
-        return ImageFolderDataset(path)
+        return ImageFolderDataset(path, intensity=intensity)
     raise FileNotFoundError(f"data source '{source}': expected 'phantom', a MedMNIST .npz, a CSV index with a "
                             f"split column, or a folder of images")
 

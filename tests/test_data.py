@@ -211,6 +211,52 @@ def test_read_image_scales_16_bit_gray_by_65535(tmp_path):
     assert torch.equal(image[0], image[2])
 
 
+def twelve_bit_xray_in_16_bit_png(path):
+    """Values 0..4095 as a 12-bit detector stores them, mostly mid-gray, with a few hot and dead pixels."""
+    rng = np.random.default_rng(0)
+    array = rng.normal(2000, 300, (40, 50)).clip(0, 4095).astype(np.uint16)
+    array.flat[:5], array.flat[-5:] = 0, 4095
+    Image.fromarray(array).save(path)
+    return array.astype(np.float64)
+
+
+@pytest.mark.parametrize("intensity", data.INTENSITIES)
+def test_intensity_options_on_12_bit_content_in_a_16_bit_png(tmp_path, intensity):
+    values = twelve_bit_xray_in_16_bit_png(tmp_path / "x.png")
+    low, high = {"full_range": (0, 65535), "minmax": (0, 4095),
+                 "percentile": np.percentile(values, (0.5, 99.5))}[intensity]
+    image = data.read_image(tmp_path / "x.png", intensity=intensity)
+    np.testing.assert_allclose(image[0].numpy(), np.clip((values - low) / (high - low), 0, 1), atol=1e-6, rtol=0)
+    if intensity == "full_range":  # today's scaling, bit for bit: the 12-bit image stays below 4095 / 65535
+        assert torch.equal(image[0], torch.from_numpy(values.astype(np.float32) / 65535)) and image.max() < 0.07
+    if intensity == "percentile":  # the hot and dead pixels clip; most of the image spans [0, 1]
+        assert 0 < low and high < 4095 and (image[0] == 0).sum() >= 5 and (image[0] == 1).sum() >= 5
+
+
+@pytest.mark.parametrize("intensity", data.INTENSITIES)
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_8_bit_images_are_value_over_255_whatever_the_intensity(tmp_path, intensity, suffix):
+    gray = np.random.default_rng(1).integers(0, 256, (12, 9), dtype=np.uint8)
+    Image.fromarray(gray).save(tmp_path / f"x{suffix}")
+    stored = np.asarray(Image.open(tmp_path / f"x{suffix}"))  # JPEG is lossy: what the file holds
+    image = data.read_image(tmp_path / f"x{suffix}", intensity=intensity)
+    assert torch.equal(image[0], torch.from_numpy(stored.copy()).float().div_(255))
+
+
+def test_an_unknown_intensity_is_an_error_naming_the_choices(tmp_path):
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "x.png")
+    with pytest.raises(ValueError, match="intensity: expected one of full_range, minmax, percentile, found 'gamma'"):
+        data.read_image(tmp_path / "x.png", intensity="gamma")
+    with pytest.raises(ValueError, match="intensity: expected one of"):
+        data.open_images(str(tmp_path), "train", intensity="gamma")
+
+
+def test_a_folder_of_16_bit_pngs_follows_the_intensity_option(tmp_path):
+    values = twelve_bit_xray_in_16_bit_png(tmp_path / "x.png")
+    image = data.open_images(str(tmp_path), "train", intensity="minmax")[0]["image"]
+    np.testing.assert_allclose(image[0].numpy(), values / 4095, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "1"])
 def test_read_image_gives_rgb_unit_range_for_every_8_bit_mode(tmp_path, mode):
     rgb = np.random.default_rng(0).integers(0, 256, (12, 9, 3), dtype=np.uint8)
