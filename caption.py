@@ -44,6 +44,7 @@ train_split = "train"        # index `split` values to train on and to score in 
 test_split = "test"
 phantom_sizes = (3000, 100)  # phantoms (train, test); with fewer the prefix overfits (RESULTS.md, "Captioning")
 img_size = 64                # images are centre-cropped to a square and resized to this
+intensity = "full_range"     # 16-bit PNGs, DICOMs without a window -> [0, 1]: full_range, minmax, percentile (data.py)
 # model
 init_from = ""               # frozen ViT weights, any file model.load_backbone reads; "" = random init (a baseline)
 model_size = "tiny"          # random-init ViT only: size, patch and LayerScale
@@ -153,20 +154,21 @@ def read_jsonl_pairs(path, split, image_column, caption_column):
     return rows
 
 
-def load_pairs(data_path, split, n_phantoms, img_size, seed, image_column="image", caption_column="caption"):
+def load_pairs(data_path, split, n_phantoms, img_size, seed, image_column="image", caption_column="caption",
+               intensity="full_range"):
     """(images (3,S,S) in [0,1], captions) of one split: n_phantoms phantoms when data_path is "",
-    else the rows of a CSV or JSONL index."""
+    else the rows of a CSV or JSONL index (16-bit images mapped to [0,1] by `intensity`, data.read_image)."""
     def square(img):
         return center_square(img, img_size)
 
     if not data_path:
         items = PhantomDataset(n_phantoms, img_size=img_size, seed=seed, split=split)
     elif data_path.endswith(".jsonl"):
-        items = [{"image": square(read_image(row["image"])), "caption": row["caption"]}
+        items = [{"image": square(read_image(row["image"], intensity)), "caption": row["caption"]}
                  for row in read_jsonl_pairs(data_path, split, image_column, caption_column)]
     else:
         items = CaptionDataset(data_path, split, transform=square, image_column=image_column,
-                               caption_column=caption_column)
+                               caption_column=caption_column, intensity=intensity)
     items = [(item["image"], item["caption"]) for item in items]
     return [img for img, _ in items], [caption for _, caption in items]
 
@@ -263,9 +265,9 @@ if __name__ == "__main__":
 
     # data
     train_images, train_captions = load_pairs(data_path, train_split, phantom_sizes[0], img_size, seed,
-                                              image_column, caption_column)
+                                              image_column, caption_column, intensity)
     test_images, test_captions = load_pairs(data_path, test_split, phantom_sizes[1], img_size, seed,
-                                            image_column, caption_column)
+                                            image_column, caption_column, intensity)
     print(f"data: {len(train_images)} train / {len(test_images)} test pairs at {img_size} px")
 
     # tokenizer

@@ -36,15 +36,15 @@ from progress import format_duration
 from schedules import lr_at
 
 # ----------------------------------------------------------------------------------------------
-# Config. The defaults are a quick run on the procedural phantoms: random init, a 2-block
-# ViT-tiny/8 at 32 px, about a minute on a CPU. The OmniRad recipe (224 px, 40 epochs, lr 1e-5,
-# 10 warm-up epochs, batch 128) is config/cls_omnirad.py; the MedMNIST runs of RESULTS.md
-# (Classification) use config/cls_medmnist64.py.
+# Config. The defaults are a quick run on the procedural phantoms: random init, a 2-block ViT-tiny/8 at 32 px,
+# about a minute on a CPU. The OmniRad recipe (224 px, 40 epochs, lr 1e-5, 10 warm-up epochs, batch 128) is
+# config/cls_omnirad.py; the MedMNIST runs of RESULTS.md (Classification) use config/cls_medmnist64.py.
 # ----------------------------------------------------------------------------------------------
 # data
 dataset = ""                     # "phantom" (no files), "medmnist" or "csv"; "" = by data_path ("" = phantom)
 data_path = ""                   # medmnist: official .npz (or a name in ~/.medmnist); csv: index with a split column
 csv_label = "covid_vs_other"     # csv: a label column, or "covid_vs_other" (COVID-19 vs other findings)
+intensity = "full_range"         # csv: 16-bit PNGs, DICOMs without a window -> [0, 1]: full_range, minmax, percentile
 phantom_sizes = (512, 64, 128)   # phantom images per split (train, val, test)
 phantom_px = 64                  # phantoms are drawn at this size, then resized to img_size
 img_size = 32                    # network input px (OmniRad: 224; MedMNIST 28 px images are upsampled)
@@ -274,7 +274,7 @@ def format_row(runs):
 
 
 
-def load_splits(dataset, data_path, transforms, csv_label, phantom_sizes, phantom_px):
+def load_splits(dataset, data_path, transforms, csv_label, phantom_sizes, phantom_px, intensity="full_range"):
     """{"train", "val", "test"} datasets (each with transforms[split]), and the task: (n_classes,
     multi_label, class names). phantom: data.PhantomDataset (4 classes); medmnist: an official .npz
     (path, or a name looked up in ~/.medmnist) with its official splits; csv: an index with image and
@@ -296,8 +296,8 @@ def load_splits(dataset, data_path, transforms, csv_label, phantom_sizes, phanto
     if dataset == "csv":
         covid = csv_label == "covid_vs_other"
         labelling = dict(label_fn=data.covid_vs_other) if covid else dict(label_column=csv_label)
-        splits = {split: data.ImageFolderDataset(data_path, split=split, transform=transforms[split], **labelling)
-                  for split in data.SPLITS}
+        splits = {split: data.ImageFolderDataset(data_path, split=split, transform=transforms[split],
+                                                 intensity=intensity, **labelling) for split in data.SPLITS}
         classes = ["other", "COVID-19"] if covid else splits["train"].classes
         return splits, (len(classes), False, classes)
     raise ValueError(f"dataset {dataset!r}: expected one of {data.DATA_KINDS}")
@@ -323,7 +323,7 @@ if __name__ == "__main__":
 
     # ---- checks: a bad setting stops here, naming its key, before any data is read or training starts
     for key, choices in (("mode", MODES), ("head", HEADS), ("head_features", HEAD_FEATURES),
-                         ("dtype", ("bfloat16", "float32"))):
+                         ("dtype", ("bfloat16", "float32")), ("intensity", data.INTENSITIES)):
         if config[key] not in choices:
             raise ValueError(f"--{key}={config[key]!r}: expected one of {choices}")
     dataset = data.data_kind(dataset, data_path)
@@ -356,7 +356,8 @@ if __name__ == "__main__":
                                             hflip_p=hflip_p, rotation_deg=rotation_deg)
     eval_tf = data.ClassificationTransform(img_size, train=False)
     splits, (n_classes, multi_label, class_names) = load_splits(
-        dataset, data_path, {"train": train_tf, "val": eval_tf, "test": eval_tf}, csv_label, phantom_sizes, phantom_px)
+        dataset, data_path, {"train": train_tf, "val": eval_tf, "test": eval_tf}, csv_label, phantom_sizes, phantom_px,
+        intensity)
     task = "multi-label" if multi_label else f"{n_classes}-class"
     print(f"data: {dataset} {data_path} ({task}: {', '.join(class_names)}), "
           f"train/val/test {len(splits['train'])}/{len(splits['val'])}/{len(splits['test'])}, {img_size} px")

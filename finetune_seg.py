@@ -31,6 +31,7 @@ from progress import format_duration
 # data
 data_path = ""                   # "" = procedural phantoms; a MedSegBench-style .npz; or a CSV (image, mask, split)
 mask_threshold = 127             # CSV masks: foreground where gray > threshold; None = stored class indices
+intensity = "full_range"         # 16-bit PNGs, DICOMs without a window -> [0, 1]: full_range, minmax, percentile
 phantom_sizes = (256, 64, 64)    # phantom images per split (train, val, test)
 phantom_px = 64                  # phantoms are drawn at this size (then resized to img_size)
 img_size = 64                    # network input px, square (OmniRad: 448 with patch 14)
@@ -222,7 +223,7 @@ def npz_split(path, split):
     images = images[:, None].expand(-1, 3, -1, -1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
     return [{"image": image.contiguous(), "mask": mask} for image, mask in zip(images, torch.from_numpy(masks).long())]
 
-def load_splits(data_path, mask_threshold=127, phantom_sizes=(256, 64, 64), phantom_px=64):
+def load_splits(data_path, mask_threshold=127, phantom_sizes=(256, 64, 64), phantom_px=64, intensity="full_range"):
     """{"train", "val", "test"} untransformed datasets and the class names, from "" (the phantoms), a .npz or a
     CSV index with image, mask and split columns (masks binarised at mask_threshold, or class indices if None)."""
     if not data_path:
@@ -233,7 +234,8 @@ def load_splits(data_path, mask_threshold=127, phantom_sizes=(256, 64, 64), phan
         datasets = {s: npz_split(data_path, s) for s in data.SPLITS}
         n_classes = max(2, 1 + max(int(item["mask"].max()) for item in datasets["train"]))
     elif suffix == ".csv":
-        datasets = {s: data.SegmentationPairsDataset(data_path, split=s, threshold=mask_threshold) for s in data.SPLITS}
+        datasets = {s: data.SegmentationPairsDataset(data_path, split=s, threshold=mask_threshold, intensity=intensity)
+                    for s in data.SPLITS}
         if mask_threshold is not None:
             return datasets, ["background", "foreground"]
         n_classes = 1 + max(int(item["mask"].max()) for item in datasets["train"])
@@ -313,7 +315,6 @@ def json_safe(x):
     """x with NaN (which JSON lacks) as None; tuples become lists."""
     return json.loads(json.dumps(x), parse_constant=lambda nan: None)
 
-
 if __name__ == "__main__":
     config = configure(globals())
 
@@ -340,14 +341,13 @@ if __name__ == "__main__":
     if img_size % vit_config.patch_size:
         raise ValueError(f"--img_size={img_size}: expected a multiple of the patch size {vit_config.patch_size}")
     layers = head_layers(head, vit_config.depth, vit_layers, linear_n_last)
-    # the device, its threads, the autocast dtype (None: off)
     dev = torch.device(device)
     if dev.type == "cpu" and cpu_threads:
         torch.set_num_threads(cpu_threads)
-    autocast_dtype = None if dtype == "float32" else getattr(torch, dtype)
+    autocast_dtype = None if dtype == "float32" else getattr(torch, dtype)  # None: autocast off
 
     # ---- data: val/test (and train without augmentation) resized whole, held as tensors
-    datasets, class_names = load_splits(data_path, mask_threshold, phantom_sizes, phantom_px)
+    datasets, class_names = load_splits(data_path, mask_threshold, phantom_sizes, phantom_px, intensity)
     n_classes, n_train = len(class_names), len(datasets["train"])
     t0 = time.time()
     held = ("val", "test") if augment else ("train", "val", "test")  # augmented train images are drawn per step

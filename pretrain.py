@@ -13,11 +13,10 @@ K prototype scores. The student learns to predict the teacher's (Sinkhorn-Knopp 
 the *other* global crop from each crop's CLS token (DINO) and of each masked patch from its patch token
 (iBOT), while KoLeo spreads the student's CLS features over the sphere.
 
-Continual pretraining (`init_from=`): random heads send large meaningless gradients into a good backbone
-(dinov2 #204: k-NN 80 % -> 10 %), so the heads first train alone for `head_warmup_iters`, and a k-NN guard
-rail keeps best.safetensors and stops when the score falls `rollback_drop` below its best. Outputs in
-out_dir: ckpt.safetensors (resumes exactly), best.safetensors, teacher_backbone.safetensors, hf/,
-dino_head.safetensors, log.jsonl, results.json.
+Continual pretraining (`init_from=`): random heads send large meaningless gradients into a good backbone (dinov2 #204:
+k-NN 80 % -> 10 %), so the heads first train alone for `head_warmup_iters`, and a k-NN guard rail keeps
+best.safetensors and stops when the score falls `rollback_drop` below its best. Outputs in out_dir: ckpt.safetensors
+(resumes exactly), best.safetensors, teacher_backbone.safetensors, hf/, dino_head.safetensors, log.jsonl, results.json.
 """
 import copy
 import functools
@@ -58,7 +57,8 @@ ckpt_every = 40           # iterations between checkpoints (one more at the end)
 log_interval = 10
 # data
 train_data = ()           # sources: MedMNIST .npz (train split), a CSV index with a split column
-                          # (train rows), or a folder of images. () = procedural phantoms
+                          # (train rows), or a folder of images (PNG, JPEG, DICOM). () = procedural phantoms
+intensity = "full_range"  # 16-bit PNGs, DICOMs without a window -> [0, 1]: full_range, minmax, percentile (data.py)
 train_repeats = ()        # times each train_data source appears in an epoch, e.g. (1, 8, 14) so that a small
                           # source is seen about as often as a large one; () = once each
 phantom_sizes = (2000, 500, 500)  # phantom images per split (train, val, test) when a source is "phantom"
@@ -278,8 +278,7 @@ def ssl_losses(student, teacher, batch, teacher_temp, centers, *, centering="sin
                                                             student_temp) / n_terms
     losses["dino_global"] = dino_loss_weight * dino_loss([s_global_logits], [dino_targets], student_temp) * 2 / n_terms
     if koleo_loss_weight > 0:  # per global crop: never between two crops of the same image
-        losses["koleo"] = koleo_loss_weight * sum(koleo_loss(c)
-                                                  for c in s_global["x_norm_clstoken"].chunk(2))
+        losses["koleo"] = koleo_loss_weight * sum(koleo_loss(c) for c in s_global["x_norm_clstoken"].chunk(2))
     if do_ibot:
         losses["ibot"] = ibot_loss_weight * ibot_loss(s_patch_logits, ibot_targets, masks, student_temp)
     losses["total"] = sum(losses.values())
@@ -422,7 +421,7 @@ if __name__ == "__main__":
     # -------------------------------------------------------------------- data
     sources = list(train_data) or ["phantom"]
     repeats = list(train_repeats) or [1] * len(sources)
-    opened = [open_images(s, "train", phantom_sizes, phantom_px, phantom_task=phantom_task) for s in sources]
+    opened = [open_images(s, "train", phantom_sizes, phantom_px, None, phantom_task, intensity) for s in sources]
     train_images = torch.utils.data.ConcatDataset([d for d, r in zip(opened, repeats) for _ in range(r)])
     augmentation = dict(global_crops_size=global_crops_size, local_crops_size=local_crops_size, n_local_crops=n_local,
                         global_crops_scale=tuple(global_crops_scale), local_crops_scale=tuple(local_crops_scale),
@@ -435,8 +434,9 @@ if __name__ == "__main__":
     eval_sets = None
     if eval_data and eval_every > 0:
         label_column = eval_label_column if str(eval_data).endswith(".csv") else None
-        bank, query = (eval_tensors(open_images(eval_data, s, phantom_sizes, phantom_px, label_column, phantom_task),
-                                    global_crops_size, eval_max_images) for s in ("train", "val"))
+        bank, query = (eval_tensors(open_images(eval_data, s, phantom_sizes, phantom_px, label_column, phantom_task,
+                                                intensity), global_crops_size, eval_max_images)
+                       for s in ("train", "val"))
         n_classes = int(max(bank[1].max(), query[1].max())) + 1
         eval_sets = (bank, query, n_classes)
     if master:

@@ -37,6 +37,7 @@ dataset = ""                  # "phantom" | "medmnist" | "csv"; "" = by data_pat
 data_path = ""                # medmnist: an official .npz; csv: an index with image, split (+ label) columns
 label_column = ""             # csv: the column holding class names ...
 label_fn = "covid_vs_other"   # ... or the name of a label function in data.py (when label_column is "")
+intensity = "full_range"      # csv: 16-bit PNGs, DICOMs without a window -> [0, 1]: full_range, minmax, percentile
 phantom_sizes = (128, 200, 200)  # phantom images per split (train, val, test): 32 labels per class
 phantom_task = "anatomy"      # "anatomy" (pretrain.py's default task) or "lesions"
 img_size = 48                 # images are resized to this (centre square crop first); pretrain.py's crop size
@@ -317,9 +318,10 @@ if __name__ == "__main__":
         data_tag = f"{Path(data_path).stem}-{img_size}"
     else:
         labelling = dict(label_column=label_column) if label_column else dict(label_fn=getattr(data, label_fn))
-        splits = {s: data.ImageFolderDataset(data_path, s, transform=transform, **labelling) for s in data.SPLITS}
+        splits = {s: data.ImageFolderDataset(data_path, s, transform=transform, intensity=intensity, **labelling)
+                  for s in data.SPLITS}
         class_names = splits["train"].classes or (["other", "COVID-19"] if label_fn == "covid_vs_other" else None)
-        data_tag = f"{Path(data_path).parent.name}-{label_column or label_fn}-{img_size}"
+        data_tag = f"{Path(data_path).parent.name}-{label_column or label_fn}-{img_size}-{intensity}"
     multilabel = dataset == "medmnist" and splits["train"].labels.ndim == 2  # ChestMNIST
     if class_names is None:  # classes without names are numbered
         train_labels = np.asarray(splits["train"].labels)
@@ -328,7 +330,7 @@ if __name__ == "__main__":
           + f" | classes {class_names}")
     to_extract = dict(splits)
     if dataset == "csv" and metadata_columns:  # every image, labelled or not
-        to_extract["all"] = data.ImageFolderDataset(data_path, None, transform=transform)
+        to_extract["all"] = data.ImageFolderDataset(data_path, None, transform=transform, intensity=intensity)
 
     # one evaluation per seed: backbone, features (cached), linear probe, k-NN, metadata probe
     arch_name = f"vit-{model_size}{f'-d{depth}' if depth else ''}-p{patch_size}-{img_size}-ls{layerscale_init}"
