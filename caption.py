@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from config import configure
-from data import CaptionDataset, PhantomDataset, center_square, normalize, read_image
+from data import CaptionDataset, PhantomDataset, center_square, check_intensity, normalize, read_image
 from figures import sample_sheet
 from metrics import caption_metrics, corpus_bleu
 from model import (Bart, Captioner, ViT, bart_config, beam_search, check_img_size, greedy_search, load_backbone,
@@ -254,6 +254,7 @@ if __name__ == "__main__":
     if bart_init and not tokenizer:
         raise ValueError(f"tokenizer: expected bart_init's own tokenizer.json (bart_init={bart_init}), found ''")
     check_img_size(img_size, init_from, patch_size)
+    check_intensity(intensity)
     t_start = time.time()
     torch.manual_seed(seed)
     out = Path(out_dir)

@@ -295,6 +295,7 @@ if __name__ == "__main__":
     # checks, before any work (the dataset and model constructors check the rest)
     dataset = data.data_kind(dataset, data_path)
     check_img_size(img_size, init_from, patch_size)
+    data.check_intensity(intensity)
     if dataset == "csv" and not label_column and not hasattr(data, label_fn):
         raise ValueError(f"config 'label_fn': expected the name of a function in data.py, got {label_fn!r}")
     if feature_kind not in FEATURE_KINDS:
