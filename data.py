@@ -486,9 +486,10 @@ def read_image(path, intensity="full_range"):
     channels, an alpha channel is dropped. 8-bit and colour images: value / 255.
 
     `intensity` maps 16-bit gray PNGs (and DICOMs without a window of their own) to [0, 1]:
-      "full_range" (the default): value / 65535, the same division for every image, so intensities stay
-          comparable across a dataset and results stay those of earlier versions. A 12-bit X-ray stored in
-          16 bits then spans only [0, 0.0625]: choose "percentile" for such data.
+      "full_range" (the default): value / 65535 (a DICOM: the range its Bits Stored can hold), the same
+          division for every image, so intensities stay comparable across a dataset, and 16-bit PNGs read
+          exactly as in earlier versions (and the results made with them). A 12-bit X-ray stored in 16 bits
+          then spans only [0, 0.0625]: choose "percentile" for such data.
       "minmax": the image's own minimum -> 0, maximum -> 1 (stretched per image).
       "percentile": the image's 0.5 and 99.5 percentiles -> 0 and 1, clipped: stretched per image and robust
           to a few extreme pixels; the recommended choice for 12-bit radiographs stored in 16 bits.
@@ -572,27 +573,31 @@ def read_dicom(path, intensity="full_range"):
 
 
 def dicom_pixels(ds, path):
-    """The decoded pixel array of a dataset (YBR converted to RGB, pydicom's default), or a ValueError that names
-    the file and, for a compressed transfer syntax, the decoder packages pydicom would need."""
-    import pydicom.pixels
+    """The decoded pixel array of a dataset (YBR converted to RGB, pydicom's default), or a one-line ValueError
+    that names the file, its transfer syntax and, for a compressed one, what would decode it."""
     try:
         return ds.pixel_array
     # pydicom raises AttributeError for a missing element (no pixel data, no transfer syntax), ValueError for
     # truncated pixel data, RuntimeError and NotImplementedError when no installed decoder can read it
     except (AttributeError, ValueError, RuntimeError, NotImplementedError) as e:
         syntax = ds.file_meta.get("TransferSyntaxUID")
-        message = f"{path}: cannot decode its pixel data" + (f" ({syntax.name})" if syntax else "")
-        message += f": {_one_line(e)}"
-        if syntax is not None and syntax.is_compressed:
-            try:
-                decoder = pydicom.pixels.get_decoder(syntax)
-            except NotImplementedError:  # pydicom has no decoder at all for this syntax
-                decoder = None
-            # pydicom lists the packages it lacks only when none of its plugins could try; when an installed
-            # one tried and failed (Pillow on 12-bit JPEG), the others' requirements say what to install
-            if decoder is not None and decoder.is_available and decoder.missing_dependencies:
-                message += f"; other decoders of it need {'; '.join(decoder.missing_dependencies)}"
-        raise ValueError(message) from e
+        raise ValueError(f"{path}: cannot decode its pixel data" + (f" ({syntax.name})" if syntax else "")
+                         + f": {_one_line(e)}" + _other_decoders(syntax)) from e
+
+
+def _other_decoders(syntax):
+    """pydicom names the packages it lacks only when none of its plugins for a compressed syntax is installed;
+    when an installed one tried and failed (Pillow on 12-bit JPEG), the other plugins' needs say what to install."""
+    from pydicom.pixels import get_decoder
+    if syntax is None or not syntax.is_compressed:
+        return ""
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:  # pydicom has no decoder at all for this syntax
+        return ""
+    if not decoder.is_available or not decoder.missing_dependencies:
+        return ""
+    return f"; other decoders of it need {'; '.join(decoder.missing_dependencies)}"
 
 
 def dicom_gray_to_unit(ds, pixels, intensity):
