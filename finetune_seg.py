@@ -321,12 +321,12 @@ if __name__ == "__main__":
     # ---- checks: a bad setting stops here, naming its key, before any data is read
     if head not in HEADS:
         raise ValueError(f"--head={head!r}: expected one of {HEADS}")
+    data.check_intensity(intensity)  # also when the phantoms, which ignore it, are the data
     if data_path and not Path(data_path).is_file():  # np.load's own error would not name the key
         raise FileNotFoundError(f"--data_path={data_path}: file not found (expected a .npz or a .csv)")
-    if epochs < 1 or batch_size < 2:
-        raise ValueError(f"need epochs >= 1 and batch_size >= 2 (BatchNorm), got {epochs} and {batch_size}")
-    if linear_n_last < 1:
-        raise ValueError(f"--linear_n_last={linear_n_last}: expected >= 1")
+    if epochs < 1 or batch_size < 2 or linear_n_last < 1:
+        raise ValueError(f"epochs, batch_size (BatchNorm), linear_n_last: expected >= 1, >= 2, >= 1, found {epochs}, "
+                         f"{batch_size}, {linear_n_last}")
     if not seeds or not all(isinstance(s, int) for s in seeds):
         raise ValueError(f"--seeds={seeds!r}: expected integers, e.g. --seeds=0,1,2")
     if dtype not in ("bfloat16", "float16", "float32") or (dtype == "float16" and not device.startswith("cuda")):
