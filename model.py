@@ -519,7 +519,7 @@ def load_state_strict(model, state, source, allow_missing=()):
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in set(state) & set(own) if state[k].shape != own[k].shape]
     if missing or unexpected or shapes:
-        raise KeyError(f"{source}: checkpoint does not match the ViT config. missing={missing[:8]} "
+        raise KeyError(f"{source}: checkpoint does not match the {type(model).__name__} config. missing={missing[:8]} "
                        f"unexpected={unexpected[:8]} shape mismatches={shapes[:8]}")
     model.load_state_dict(state, strict=False)
 
@@ -1000,6 +1000,10 @@ def load_bart(path, **config_overrides):
 
 # ---------------------------------------------------------------------------- decoding
 
+# The search loops below only see `next_logits(tokens, step)`: the logits (N, vocab) for the next position,
+# given the tokens (N,) chosen at the last step (None at step 0) and the number of tokens chosen so far; it
+# keeps its model's KV cache, so the same loops can serve models that start from other inputs.
+
 def force_eos_at_limit(log_probs, cur_len, max_length, eos_token_id):
     """HF's ForcedEOSTokenLogitsProcessor: the last position a sequence may fill must be </s>, so a
     caption cut at the length limit still ends properly."""
@@ -1009,77 +1013,107 @@ def force_eos_at_limit(log_probs, cur_len, max_length, eos_token_id):
     return log_probs
 
 
-@torch.no_grad()
-def greedy_search(bart, encoder_states, max_length=64):
-    """Argmax decoding with the KV cache. Returns (B, L <= max_length) token ids starting with the
-    decoder start token; sequences that ended early are padded with pad_token_id."""
-    cfg = bart.config
-    B = encoder_states.shape[0]
-    cache = bart.new_cache(encoder_states)
-    seqs = torch.full((B, 1), cfg.decoder_start_token_id, dtype=torch.long, device=encoder_states.device)
-    running = torch.ones(B, dtype=torch.bool, device=encoder_states.device)
-    for cur_len in range(1, max_length):
-        logits = bart.decode_step(seqs[:, -1:], cache)[:, -1].float()
-        next_ids = force_eos_at_limit(logits, cur_len, max_length, cfg.eos_token_id).argmax(-1)
-        next_ids = torch.where(running, next_ids, cfg.pad_token_id)
-        seqs = torch.cat([seqs, next_ids[:, None]], dim=1)
-        running &= next_ids != cfg.eos_token_id
+def greedy_tokens(next_logits, batch_size, max_new_tokens, eos_token_id, pad_token_id, device):
+    """Argmax decoding: the new tokens (B, L <= max_new_tokens); a sequence that chose eos is padded with
+    pad_token_id, and decoding stops once every sequence has."""
+    new = torch.empty(batch_size, 0, dtype=torch.long, device=device)
+    running = torch.ones(batch_size, dtype=torch.bool, device=device)
+    tokens = None
+    for step in range(max_new_tokens):
+        tokens = torch.where(running, next_logits(tokens, step).argmax(-1), pad_token_id)
+        new = torch.cat([new, tokens[:, None]], dim=1)
+        running &= tokens != eos_token_id
         if not running.any():
             break
-    return seqs
+    return new
 
 
-@torch.no_grad()
-def beam_search(bart, encoder_states, num_beams=5, max_length=64, length_penalty=1.0):
-    """Batched beam search with HuggingFace's semantics for early_stopping=True: per step, the
-    2*num_beams best continuations over all beams are ranked; an </s> among the first num_beams
-    closes a hypothesis scored sum(log p) / generated_length ** length_penalty (the start token not
-    counted, the </s> counted); the others continue. An image is done once it holds num_beams closed
-    hypotheses. Returns the best hypothesis per image, (B, L <= max_length), padded with pad_token_id."""
-    cfg = bart.config
-    B, K, device = encoder_states.shape[0], num_beams, encoder_states.device
-    cache = bart.new_cache(encoder_states.repeat_interleave(K, dim=0))
-    seqs = torch.full((B, K, 1), cfg.decoder_start_token_id, dtype=torch.long, device=device)
+def beam_tokens(next_logits, reorder, batch_size, num_beams, max_new_tokens, eos_token_id, pad_token_id,
+                length_penalty, device):
+    """Batched beam search with HuggingFace's semantics for early_stopping=True: per step, the 2*num_beams
+    best continuations over all beams are ranked; one among the first num_beams closes a hypothesis if it is
+    eos or fills the last position, scored sum(log p) / new_tokens ** length_penalty (eos counted); the
+    others continue. A sequence is done once it holds num_beams closed hypotheses. next_logits sees
+    batch_size * num_beams rows, beams of a sequence adjacent; reorder(rows) makes row i continue the
+    hypothesis that was in row rows[i]. Returns the best hypothesis's new tokens per sequence, (B, L <=
+    max_new_tokens), padded with pad_token_id."""
+    B, K = batch_size, num_beams
+    seqs = torch.empty(B, K, 0, dtype=torch.long, device=device)
     # all beams start identical: only the first may expand, or the top-k would hold K copies
     beam_scores = torch.zeros(B, K, device=device)
     beam_scores[:, 1:] = -1e9
-    done_seqs = torch.full((B, K, max_length), cfg.pad_token_id, dtype=torch.long, device=device)
+    done_seqs = torch.full((B, K, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     done_scores = torch.full((B, K), -math.inf, device=device)
     done_lengths = torch.zeros(B, K, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     rank = torch.arange(2 * K, device=device)
-    for cur_len in range(1, max_length):
-        logits = bart.decode_step(seqs[:, :, -1].reshape(B * K, 1), cache)[:, -1].float()
-        log_probs = force_eos_at_limit(F.log_softmax(logits, dim=-1), cur_len, max_length, cfg.eos_token_id)
+    for step in range(max_new_tokens):
+        n_new = step + 1  # tokens in each hypothesis after this step
+        tokens = None if step == 0 else seqs[:, :, -1].reshape(B * K)
+        log_probs = F.log_softmax(next_logits(tokens, step).float(), dim=-1)
         V = log_probs.shape[-1]
         scores = (log_probs.view(B, K, V) + beam_scores[:, :, None]).view(B, K * V)
         top_scores, top_index = scores.topk(2 * K, dim=1)
         parent, token = top_index // V, top_index % V
-        top_seqs = torch.cat([seqs.gather(1, parent[:, :, None].expand(-1, -1, cur_len)), token[:, :, None]], dim=2)
-        is_eos = token == cfg.eos_token_id
+        top_seqs = torch.cat([seqs.gather(1, parent[:, :, None].expand(-1, -1, step)), token[:, :, None]], dim=2)
+        is_eos = token == eos_token_id
 
-        # close hypotheses: </s> ranked among the first K, for images not done yet
-        closes = is_eos & (rank < K)[None] & ~done[:, None]
-        closed_scores = torch.where(closes, top_scores / cur_len ** length_penalty, -math.inf)
-        padded = F.pad(top_seqs, (0, max_length - cur_len - 1), value=cfg.pad_token_id)
+        # close hypotheses: eos (or the length limit) ranked among the first K, for sequences not done yet
+        ends = is_eos | (n_new == max_new_tokens)
+        closes = ends & (rank < K)[None] & ~done[:, None]
+        closed_scores = torch.where(closes, top_scores / n_new ** length_penalty, -math.inf)
+        padded = F.pad(top_seqs, (0, max_new_tokens - n_new), value=pad_token_id)
         pool_scores = torch.cat([done_scores, closed_scores], dim=1)
         keep = pool_scores.topk(K, dim=1).indices
         done_scores = pool_scores.gather(1, keep)
-        done_lengths = torch.cat([done_lengths, torch.full_like(token, cur_len + 1)], dim=1).gather(1, keep)
-        done_seqs = torch.cat([done_seqs, padded], dim=1).gather(1, keep[:, :, None].expand(-1, -1, max_length))
+        done_lengths = torch.cat([done_lengths, torch.full_like(token, n_new)], dim=1).gather(1, keep)
+        done_seqs = torch.cat([done_seqs, padded], dim=1).gather(1, keep[:, :, None].expand(-1, -1, max_new_tokens))
 
+        done |= torch.isfinite(done_scores).all(dim=1)
+        if done.all() or n_new == max_new_tokens:
+            break
         # continue with the K best that did not end (an ended one gets -1e9, as in HF)
         open_scores = top_scores + is_eos.float() * -1e9
         keep = open_scores.topk(K, dim=1).indices
         beam_scores = open_scores.gather(1, keep)
-        seqs = top_seqs.gather(1, keep[:, :, None].expand(-1, -1, cur_len + 1))
-        rows = parent.gather(1, keep) + torch.arange(B, device=device)[:, None] * K
-        cache.reorder(rows.flatten())
-
-        done |= torch.isfinite(done_scores).all(dim=1)
-        if done.all():
-            break
+        seqs = top_seqs.gather(1, keep[:, :, None].expand(-1, -1, n_new))
+        reorder((parent.gather(1, keep) + torch.arange(B, device=device)[:, None] * K).flatten())
     return done_seqs[:, 0, :int(done_lengths[:, 0].max())]
+
+
+@torch.no_grad()
+def greedy_search(bart, encoder_states, max_length=64):
+    """BART's argmax decoding with the KV cache. Returns (B, L <= max_length) token ids starting with the
+    decoder start token; sequences that ended early are padded with pad_token_id."""
+    cfg = bart.config
+    cache = bart.new_cache(encoder_states)
+    start = torch.full((encoder_states.shape[0], 1), cfg.decoder_start_token_id, device=encoder_states.device)
+
+    def next_logits(tokens, step):
+        logits = bart.decode_step(start if tokens is None else tokens[:, None], cache)[:, -1].float()
+        return force_eos_at_limit(logits, step + 1, max_length, cfg.eos_token_id)
+
+    new = greedy_tokens(next_logits, len(start), max_length - 1, cfg.eos_token_id, cfg.pad_token_id, start.device)
+    return torch.cat([start, new], dim=1)
+
+
+@torch.no_grad()
+def beam_search(bart, encoder_states, num_beams=5, max_length=64, length_penalty=1.0):
+    """BART's beam search (beam_tokens, with </s> forced at the length limit as HF's BART does). Returns the
+    best hypothesis per image, (B, L <= max_length), starting with the decoder start token, padded with
+    pad_token_id."""
+    cfg = bart.config
+    B, device = encoder_states.shape[0], encoder_states.device
+    cache = bart.new_cache(encoder_states.repeat_interleave(num_beams, dim=0))
+    start = torch.full((B * num_beams, 1), cfg.decoder_start_token_id, device=device)
+
+    def next_logits(tokens, step):
+        logits = bart.decode_step(start if tokens is None else tokens[:, None], cache)[:, -1].float()
+        return force_eos_at_limit(logits, step + 1, max_length, cfg.eos_token_id)
+
+    new = beam_tokens(next_logits, cache.reorder, B, num_beams, max_length - 1, cfg.eos_token_id, cfg.pad_token_id,
+                      length_penalty, device)
+    return torch.cat([start[:B], new], dim=1)
 
 
 # ---------------------------------------------------------------------------- image captioning
