@@ -1,5 +1,7 @@
 """nanorad models, hand-written: a DINOv2-style ViT (with loaders for the official DINOv2, HuggingFace
-Dinov2 and timm key formats) and a BART-lite encoder-decoder for captioning."""
+Dinov2 and timm key formats), a BART-lite encoder-decoder for captioning, a Llama decoder-only LM in
+HuggingFace's key format (the LM of LLaVA-style report generation, fed an image prefix as input
+embeddings), and greedy / beam-search decoding shared by BART and the LM."""
 
 # ----------------------------------------------------------------------------------------------
 # ViT (DINOv2 layout)
@@ -998,11 +1000,332 @@ def load_bart(path, **config_overrides):
     return bart_from_hf_state(state, config, source=str(file))
 
 
+# ----------------------------------------------------------------------------------------------
+# Llama (decoder-only LM for LLaVA-style report generation)
+# ----------------------------------------------------------------------------------------------
+
+# The language model of LLaVA-1.5 (Vicuna, a fine-tuned Llama 2) and so of RAD-DINO's report generation:
+# image patch embeddings, projected to the LM's width, are fed as a prefix of input embeddings before
+# the text tokens. Module names are HuggingFace's LlamaForCausalLM ones, so a published state dict loads
+# with no renaming.
+
+# name -> (hidden_size, layers, heads, intermediate_size); one key/value head per query head unless overridden
+LLAMA_SIZES = {
+    "tiny": (64, 2, 4, 176),        # a CPU-sized default for tests and smoke runs
+    "7b": (4096, 32, 32, 11008),    # Llama 2 7B, Vicuna-7B v1.5 (LLaVA-1.5 7B's LM)
+    "13b": (5120, 40, 40, 13824),
+}
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # grouped-query attention; None: as many as query heads
+    head_dim: int | None = None             # None: hidden_size // num_attention_heads
+    max_position_embeddings: int = 4096     # RoPE has no position table: HF's field, kept for config.json
+    rms_norm_eps: float = 1e-6              # HF's default; Llama 2 and Vicuna files say 1e-5
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    pad_token_id: int = 0
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"LlamaConfig: num_attention_heads {self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {self.num_key_value_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"LlamaConfig: head_dim must be even for RoPE, found {self.head_dim}")
+
+
+def llama_config(size="7b", **overrides):
+    """LlamaConfig for a named size; `vocab_size=`, `num_key_value_heads=` etc. override."""
+    if size not in LLAMA_SIZES:
+        raise ValueError(f"unknown Llama size '{size}', expected one of {list(LLAMA_SIZES)}")
+    hidden, layers, heads, intermediate = LLAMA_SIZES[size]
+    base = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=intermediate)
+    base.update(overrides)
+    return LlamaConfig(**base)
+
+
+def llama_config_from_hf(hf_config):
+    """LlamaConfig from a HuggingFace config.json dict (unknown keys ignored). RoPE's base is `rope_theta` up to
+    transformers 4.x, `rope_parameters.rope_theta` from 5.0. What this model does not implement is an error
+    rather than a silently different model: scaled RoPE (Llama 3.1's "llama3", "linear", ...), biases, other
+    activations."""
+    rope = hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"Llama config.json: rope type '{rope_type}' is not implemented, only 'default'")
+    for flag in ("attention_bias", "mlp_bias"):
+        if hf_config.get(flag):
+            raise ValueError(f"Llama config.json: {flag}=true is not implemented")
+    if hf_config.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"Llama config.json: hidden_act '{hf_config['hidden_act']}' is not implemented, only 'silu'")
+    names = {f.name for f in fields(LlamaConfig)}
+    values = {k: v for k, v in hf_config.items() if k in names and v is not None}  # null: keep our default
+    if "rope_theta" in rope:
+        values["rope_theta"] = rope["rope_theta"]
+    return LlamaConfig(**values)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight: LayerNorm without centring or bias. In fp32 whatever the input dtype, as HF
+    does: the mean of squared bf16 activations loses too many digits."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(positions, head_dim, theta):
+    """cos and sin (T, head_dim) of RoPE's angles position * theta^(-2i / head_dim), i < head_dim / 2, each
+    frequency written twice: in HF's layout dimension i turns together with i + head_dim/2 (the original
+    Llama code paired adjacent dimensions; HF permuted q_proj/k_proj's rows on conversion to match)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x):
+    """(x1, x2) -> (-x2, x1) on the two halves of the last dimension: with x * cos, a 2-D rotation of each pair."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate queries or keys (B, H, T, head_dim) by their positions' angles: q.k then depends on the offset only."""
+    return x * cos + rotate_half(x) * sin
+
+
+class LlamaAttention(nn.Module):
+    """Causal self-attention with RoPE and grouped-query attention: num_attention_heads query heads share
+    num_key_value_heads key/value heads, each serving a run of consecutive query heads (HF's repeat_kv).
+    The cache holds keys and values before the repeat, which is what GQA saves. No biases."""
+
+    def __init__(self, config):
+        super().__init__()
+        D, self.head_dim = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.q_proj = nn.Linear(D, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(D, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(D, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, D, bias=False)
+
+    def split_heads(self, x, heads):  # (B, T, heads * head_dim) -> (B, heads, T, head_dim)
+        B, T, _ = x.shape
+        return x.view(B, T, heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x, cos, sin, past_kv=None, mask=None):
+        """x: the new positions; past_kv: keys/values of the earlier ones (or None); mask: boolean, True = may
+        attend. Returns the output and the keys/values of all positions so far."""
+        q = apply_rope(self.split_heads(self.q_proj(x), self.num_heads), cos, sin)
+        k = apply_rope(self.split_heads(self.k_proj(x), self.num_kv_heads), cos, sin)
+        v = self.split_heads(self.v_proj(x), self.num_kv_heads)
+        if past_kv is not None:
+            k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
+        group = self.num_heads // self.num_kv_heads
+        out = F.scaled_dot_product_attention(q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1),
+                                             attn_mask=mask)  # scaled by 1/sqrt(head_dim)
+        B, H, T, Dh = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * Dh)), (k, v)
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.self_attn = LlamaAttention(config)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, past_kv=None, mask=None):
+        # pre-norm, unlike BART: each branch sees a normalised copy, the residual stream itself is never normalised
+        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, past_kv, mask)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class LlamaModel(nn.Module):
+    """HF's LlamaModel (the `model.` of LlamaForCausalLM): token embedding, decoder layers, final RMSNorm."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.layers = nn.ModuleList([LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, past_kv=None):
+        """x (B, T, D): input embeddings for positions start..start+T-1, where start is the cached length.
+        Returns the final hidden states and every layer's keys/values of all positions so far."""
+        T = x.shape[1]
+        start = 0 if past_kv is None else past_kv[0][0].shape[2]
+        positions = torch.arange(start, start + T, device=x.device)
+        cos, sin = (t.to(x.dtype) for t in rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta))
+        mask = None
+        if T > 1:  # causal; one new position may see every cached one
+            mask = torch.arange(start + T, device=x.device)[None, :] <= positions[:, None]
+        new_kv = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, cos, sin, None if past_kv is None else past_kv[i], mask)
+            new_kv.append(kv)
+        return self.norm(x), new_kv
+
+
+class LlamaCache:
+    """What the LM keeps between generation steps: every layer's keys and values (after RoPE, before the
+    GQA repeat), one more position per step."""
+
+    def __init__(self):
+        self.kv = None
+
+    def reorder(self, index):
+        """Beam search: row i continues the hypothesis that was in row index[i]."""
+        self.kv = [(k[index], v[index]) for k, v in self.kv]
+
+
+class Llama(nn.Module):
+    """LlamaForCausalLM: LlamaModel and an output layer, tied to the token embedding when
+    config.tie_word_embeddings (Vicuna and Llama 2 7B are untied)."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.init_weights()
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def init_weights(self):
+        # as HF Llama: normal(0, 0.02) for linears and the embedding, zero padding row; RMSNorm weights stay 1
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+        with torch.no_grad():
+            self.model.embed_tokens.weight[self.config.pad_token_id].zero_()
+
+    def input_embeddings(self, input_ids=None, inputs_embeds=None):
+        """(B, P+T, D): `inputs_embeds` (B, P, D), e.g. a projected image, followed by the embeddings of
+        `input_ids` (B, T); either may be None."""
+        parts = [] if inputs_embeds is None else [inputs_embeds]
+        if input_ids is not None:
+            parts.append(self.model.embed_tokens(input_ids))
+        if not parts:
+            raise ValueError("Llama: give input_ids, inputs_embeds or both")
+        return torch.cat(parts, dim=1)
+
+    def forward(self, input_ids=None, inputs_embeds=None, cache=None):
+        """Logits (B, P+T, vocab) at every position of `inputs_embeds` then `input_ids` (HF takes one or the
+        other; here both is the image-prefix case). With a LlamaCache, the positions follow the cached ones
+        and their keys and values are appended to it."""
+        x = self.input_embeddings(input_ids, inputs_embeds)
+        hidden, kv = self.model(x, None if cache is None else cache.kv)
+        if cache is not None:
+            cache.kv = kv
+        return self.lm_head(hidden)
+
+
+def llama_from_hf_state(state, config, source="Llama state dict"):
+    """A Llama from a HuggingFace LlamaForCausalLM state dict (its key names are ours). With tied embeddings
+    the dict may still hold `lm_head.weight`, which must then equal `model.embed_tokens.weight`."""
+    # transformers < 4.31 saved RoPE's frequencies as a buffer; they follow from the config
+    state = {k: v for k, v in state.items() if not k.endswith("self_attn.rotary_emb.inv_freq")}
+    model = Llama(config)
+    allow_missing = ()
+    if config.tie_word_embeddings:
+        allow_missing = ("lm_head.weight",)
+        embed = state.get("model.embed_tokens.weight")
+        if "lm_head.weight" in state and embed is not None and not torch.equal(state["lm_head.weight"], embed):
+            raise KeyError(f"{source}: 'lm_head.weight' differs from 'model.embed_tokens.weight', but the config "
+                           "ties them (tie_word_embeddings)")
+    load_state_strict(model, state, source, allow_missing)
+    return model
+
+
+def infer_llama_config(state, **overrides):
+    """LlamaConfig from the tensors' shapes: vocabulary, widths, layer count, tying (no `lm_head.weight`).
+    num_attention_heads must be among `overrides`: q_proj has heads * head_dim rows and no shape splits that
+    product (with it, head_dim and num_key_value_heads follow). rms_norm_eps and rope_theta are not in the
+    tensors either: LlamaConfig's defaults unless given."""
+    if "num_attention_heads" not in overrides:
+        raise ValueError("Llama checkpoint without config.json: give num_attention_heads=, the shapes hold only "
+                         "heads * head_dim")
+    vocab, hidden = state["model.embed_tokens.weight"].shape
+    head_dim = state["model.layers.0.self_attn.q_proj.weight"].shape[0] // overrides["num_attention_heads"]
+    inferred = dict(
+        vocab_size=vocab, hidden_size=hidden, head_dim=head_dim,
+        intermediate_size=state["model.layers.0.mlp.gate_proj.weight"].shape[0],
+        num_hidden_layers=len({k.split(".")[2] for k in state if k.startswith("model.layers.")}),
+        num_key_value_heads=state["model.layers.0.self_attn.k_proj.weight"].shape[0] // head_dim,
+        tie_word_embeddings="lm_head.weight" not in state,
+    )
+    return LlamaConfig(**{**inferred, **overrides})
+
+
+def read_hf_safetensors(path):
+    """Tensors of a safetensors file, or of a HF folder's model.safetensors or its shards (7B models are
+    published in several files listed by model.safetensors.index.json)."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if path.is_dir() and index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {k: v for shard in shards for k, v in read_safetensors(path / shard)[0].items()}
+    file = path / "model.safetensors" if path.is_dir() else path
+    if not file.exists():
+        raise FileNotFoundError(f"checkpoint '{file}' not found")
+    return read_safetensors(file)[0]
+
+
+def load_llama(path, **config_overrides):
+    """A Llama from a HuggingFace folder (config.json with model.safetensors or its shards) or a safetensors
+    file of HF key names (a config.json beside it is read; without one see infer_llama_config). Strict: a
+    missing, unexpected or mis-shaped key is an error naming it."""
+    path = Path(path)
+    state = read_hf_safetensors(path)
+    hf_config = (path if path.is_dir() else path.parent) / "config.json"
+    if hf_config.exists():
+        config = llama_config_from_hf({**json.loads(hf_config.read_text()), **config_overrides})
+    else:
+        config = infer_llama_config(state, **config_overrides)
+    return llama_from_hf_state(state, config, source=str(path))
+
+
 # ---------------------------------------------------------------------------- decoding
 
 # The search loops below only see `next_logits(tokens, step)`: the logits (N, vocab) for the next position,
 # given the tokens (N,) chosen at the last step (None at step 0) and the number of tokens chosen so far; it
-# keeps its model's KV cache, so the same loops can serve models that start from other inputs.
+# keeps its model's KV cache. BART and the Llama LM differ only in what they feed first (BART's start token,
+# the LM's prefix embeddings) and in BART's forced </s> at the length limit.
 
 def force_eos_at_limit(log_probs, cur_len, max_length, eos_token_id):
     """HF's ForcedEOSTokenLogitsProcessor: the last position a sequence may fill must be </s>, so a
@@ -1114,6 +1437,38 @@ def beam_search(bart, encoder_states, num_beams=5, max_length=64, length_penalty
     new = beam_tokens(next_logits, cache.reorder, B, num_beams, max_length - 1, cfg.eos_token_id, cfg.pad_token_id,
                       length_penalty, device)
     return torch.cat([start[:B], new], dim=1)
+
+
+def llama_next_logits(lm, prefix_embeds):
+    """next_logits for the search loops: the prefix (an image's embeddings) at step 0, then one token a step."""
+    cache = LlamaCache()
+
+    def next_logits(tokens, step):
+        if tokens is None:
+            return lm(inputs_embeds=prefix_embeds, cache=cache)[:, -1].float()
+        return lm(tokens[:, None], cache=cache)[:, -1].float()
+
+    return next_logits, cache
+
+
+@torch.no_grad()
+def llama_greedy_search(lm, prefix_embeds, max_new_tokens=64):
+    """Argmax continuation of input embeddings (B, P, D), as HF's generate(inputs_embeds=...): only the new
+    tokens (B, L <= max_new_tokens), padded with pad_token_id after eos."""
+    cfg = lm.config
+    next_logits, _ = llama_next_logits(lm, prefix_embeds)
+    return greedy_tokens(next_logits, len(prefix_embeds), max_new_tokens, cfg.eos_token_id, cfg.pad_token_id,
+                         prefix_embeds.device)
+
+
+@torch.no_grad()
+def llama_beam_search(lm, prefix_embeds, num_beams=3, max_new_tokens=64, length_penalty=1.0):
+    """Beam search (beam_tokens) continuing input embeddings (B, P, D): the best hypothesis's new tokens,
+    (B, L <= max_new_tokens), padded with pad_token_id after eos (HF pads with eos when pad_token_id is 0)."""
+    cfg = lm.config
+    next_logits, cache = llama_next_logits(lm, prefix_embeds.repeat_interleave(num_beams, dim=0))
+    return beam_tokens(next_logits, cache.reorder, len(prefix_embeds), num_beams, max_new_tokens, cfg.eos_token_id,
+                       cfg.pad_token_id, length_penalty, prefix_embeds.device)
 
 
 # ---------------------------------------------------------------------------- image captioning
