@@ -1,4 +1,4 @@
-"""finetune_seg.py: the Dice loss, frozen-backbone training, head output shapes at odd input sizes,
+"""finetune_seg.py and seg_heads.py: the Dice loss, frozen-backbone training, head output shapes at odd input sizes,
 data loaders, overlays, and a short run on the phantoms (its metrics: tests/test_metrics.py)."""
 import json
 import math
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import finetune_seg as fs
+import seg_heads as sh
 from conftest import run_stage, tiny_vit
 from metrics import segmentation_metrics
 
@@ -18,8 +19,8 @@ def small_vit(patch_size=14, seed=0):
 
 def tiny_segmenter(head, patch_size=14, n_classes=3, seed=0):
     vit = small_vit(patch_size, seed=seed)
-    layers = fs.head_layers(head, vit.config.depth, linear_n_last=2 if head == "linear" else 1)
-    seg_head = fs.build_head(head, vit.embed_dim, n_classes, omnirad_width=16,
+    layers = sh.head_layers(head, vit.config.depth, linear_n_last=2 if head == "linear" else 1)
+    seg_head = sh.build_head(head, vit.embed_dim, n_classes, omnirad_width=16,
                              linear_n_last=len(layers) if head == "linear" else 1, upernet_channels=16)
     return fs.FrozenBackboneSegmenter(vit, seg_head, layers)
 
@@ -37,15 +38,15 @@ def test_soft_dice_loss_equals_one_minus_hard_dice_for_confident_logits():
 # ---------------------------------------------------------------------------------------------- heads
 
 def test_head_layers_reproduce_omnirad_blocks_and_fit_shallow_vits():
-    assert fs.head_layers("omnirad", 12) == (3, 7, 11)
-    assert fs.head_layers("omnirad", 6) == (1, 3, 5)
-    assert fs.head_layers("linear", 12, linear_n_last=4) == (8, 9, 10, 11)
-    assert fs.head_layers("omnirad", 12, layers=(11, 3, 7)) == (3, 7, 11)
+    assert sh.head_layers("omnirad", 12) == (3, 7, 11)
+    assert sh.head_layers("omnirad", 6) == (1, 3, 5)
+    assert sh.head_layers("linear", 12, linear_n_last=4) == (8, 9, 10, 11)
+    assert sh.head_layers("omnirad", 12, layers=(11, 3, 7)) == (3, 7, 11)
     with pytest.raises(ValueError, match="needs 4"):
-        fs.head_layers("upernet", 12, layers=(3, 7, 11))
+        sh.head_layers("upernet", 12, layers=(3, 7, 11))
 
 
-@pytest.mark.parametrize("head", fs.HEADS)
+@pytest.mark.parametrize("head", sh.HEADS)
 @pytest.mark.parametrize("size", [(448, 448), (518, 518), (224, 224), (224, 280)])
 def test_head_gives_input_sized_logits_at_odd_sizes(head, size):
     model = tiny_segmenter(head, patch_size=14).eval()
@@ -70,7 +71,7 @@ def test_frozen_backbone_is_bit_identical_after_training_steps():
     assert any(not torch.equal(v, head_before[k]) for k, v in model.head.state_dict().items())
 
 
-@pytest.mark.parametrize("head", fs.HEADS)
+@pytest.mark.parametrize("head", sh.HEADS)
 def test_only_head_parameters_receive_gradients(head):
     model = tiny_segmenter(head, patch_size=8).train()
     loss = fs.seg_loss(model(torch.randn(2, 3, 32, 48)), torch.randint(0, 3, (2, 32, 48)), dice_weight=1.0)
@@ -89,7 +90,7 @@ def test_cached_features_give_the_same_logits_as_computing_them():
         torch.testing.assert_close(model(images[index], fs.select_features(cache, index)), model(images[index]))
 
 
-@pytest.mark.parametrize("head", fs.HEADS)
+@pytest.mark.parametrize("head", sh.HEADS)
 def test_bfloat16_autocast_path_trains_on_cached_features_and_predicts(head):
     """The CUDA recipe (bf16 autocast, features cached in bf16), run through CPU autocast."""
     model = tiny_segmenter(head, patch_size=8)
@@ -109,7 +110,7 @@ def test_short_run_on_phantoms_beats_all_background_dice():
     datasets, names = fs.load_splits("", phantom_sizes=(64, 0, 16), phantom_px=48)
     train_x, train_y = fs.stack_split(datasets["train"], 48)
     test_x, test_y = fs.stack_split(datasets["test"], 48)
-    seg_head = fs.build_head("omnirad", 32, len(names), omnirad_width=32)
+    seg_head = sh.build_head("omnirad", 32, len(names), omnirad_width=32)
     model = fs.FrozenBackboneSegmenter(small_vit(8), seg_head, (1, 2, 3))
     cache = fs.cache_features(model, train_x, 32, torch.device("cpu"))
     optimizer = torch.optim.AdamW(model.head.parameters(), lr=3e-3, weight_decay=1e-4)
