@@ -1,9 +1,11 @@
 """Semantic segmentation on a frozen ViT (OmniRad §3.3, RAD-DINO §4.3): only a head trains, OmniRad's dense
-adapter (omnirad), DINOv2's linear head as RAD-DINO uses it (linear) or mmseg's UPerHead (upernet).
+adapter (omnirad), DINOv2's linear head as RAD-DINO uses it (linear), mmseg's UPerHead (upernet) or ViTDet's
+simple feature pyramid (vitdet); the heads are in seg_heads.py.
 
     python finetune_seg.py                                  # phantoms, random-init ViT-tiny/8, 64 px, CPU
     python finetune_seg.py --head=linear --linear_n_last=4  # DINOv2 / RAD-DINO linear head
     python finetune_seg.py --head=upernet --upernet_channels=64
+    python finetune_seg.py --head=vitdet                    # RAD-DINO's ViTDet head (Table 6), on the last block
     python finetune_seg.py config/seg_covid_lungs.py --head=omnirad [--init_from=backbone.safetensors]
     python finetune_seg.py config/seg_omnirad_vits14.py --data_path=busi_256.npz --init_from=...  # GPU
     # each run writes results.json, table.md, metrics_seed*.json, head_seed*.safetensors, overlays/ to out_dir
@@ -44,12 +46,13 @@ init_from = ""                   # backbone file for model.load_backbone (nanora
 model_size = "tiny"              # random init only: tiny small base large giant
 patch_size = 8                   # random init only
 depth = 0                        # random init only: number of blocks (0 = the size's own)
-head = "omnirad"                 # "omnirad", "linear" or "upernet"
+head = "omnirad"                 # "omnirad", "linear", "upernet" or "vitdet"
 vit_layers = ()                  # blocks the head reads (0-based); () = the head's default (omnirad: 3,7,11 of 12)
 omnirad_width = 0                # fused-map / decoder width; 0 = the ViT's embed_dim (see seg_heads.OmniRadHead)
 linear_n_last = 1                # linear head: the last 1 (DINOv2 "lin.") or 4 ("+ms"-style) blocks
 linear_cls_token = True          # linear head: concatenate the CLS token to every patch (DINOv2)
 upernet_channels = 512           # mmseg's UPerHead default; 0 = the ViT's embed_dim
+vitdet_channels = 256            # detectron2's SimpleFeaturePyramid out_channels; 0 = the ViT's embed_dim
 # optimisation (OmniRad §3.3: AdamW, constant lr; the epoch with the best val mIoU is tested)
 epochs = 20                      # OmniRad: 20
 batch_size = 16                  # OmniRad: 16; at least 2 for the heads' BatchNorm
@@ -260,7 +263,7 @@ if __name__ == "__main__":
             backbone = vit_model.ViT(vit_config)
             print(f"backbone: RANDOM INIT (no --init_from): ViT-{model_size}/{patch_size}, depth {vit_config.depth}")
         seg_head = build_head(head, vit_config.embed_dim, n_classes, omnirad_width, linear_n_last, linear_cls_token,
-                              upernet_channels)
+                              upernet_channels, vitdet_channels)
         model = FrozenBackboneSegmenter(backbone, seg_head, layers).to(dev)
         n_head, n_backbone = count_parameters(model.head), count_parameters(model.backbone, trainable_only=False)
         print(f"seed {seed}: head {head} on blocks {layers}: {n_head:,} trainable parameters "

@@ -1,7 +1,7 @@
 """Decoder heads over a frozen ViT's patch maps for semantic segmentation (finetune_seg.py): OmniRad's dense
-adapter (omnirad), DINOv2's linear head (linear) and mmseg's UPerHead (upernet). Each maps (images (B,3,H,W), feats)
-to logits (B,n_classes,H,W); feats holds one (patch map (B,D,h,w), CLS (B,D)) pair per block the head reads
-(head_layers), as FrozenBackboneSegmenter.features gives them."""
+adapter (omnirad), DINOv2's linear head (linear), mmseg's UPerHead (upernet) and ViTDet's simple feature pyramid
+(vitdet). Each maps (images (B,3,H,W), feats) to logits (B,n_classes,H,W); feats holds one (patch map (B,D,h,w),
+CLS (B,D)) pair per block the head reads (head_layers), as FrozenBackboneSegmenter.features gives them."""
 import math
 
 import torch
@@ -15,6 +15,17 @@ def conv_bn_relu(in_channels, out_channels, kernel_size=3, stride=1):
 def resize_to(x, like):
     """Bilinear to `like`'s size: "2x bilinear" as an exact size keeps odd sizes (518 px: 65, 33, 17) aligned."""
     return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)
+
+def vit_pyramid(D):
+    """Four levels at 4x, 2x, 1x, 1/2x a plain ViT's 1/patch grid (ViTDet's simple pyramid as mmseg's BEiT/MAE
+    recipes build it: D channels at every level, BatchNorm + GELU between the two 2x transposed convs)."""
+    return nn.ModuleList([
+        nn.Sequential(nn.ConvTranspose2d(D, D, 2, 2), nn.BatchNorm2d(D), nn.GELU(), nn.ConvTranspose2d(D, D, 2, 2)),
+        nn.ConvTranspose2d(D, D, 2, 2), nn.Identity(), nn.MaxPool2d(2)])
+
+def concat_at_finest(levels):
+    """UPerHead's fusion input: every level resized to the first (finest) one, concatenated along channels."""
+    return torch.cat([levels[0]] + [resize_to(x, levels[0]) for x in levels[1:]], dim=1)
 
 class OmniRadHead(nn.Module):
     """OmniRad's adapter: a conv branch's 1/8, 1/16, 1/32 maps, each fused with one block's tokens; two upsampling
@@ -69,9 +80,7 @@ class UPerNetHead(nn.Module):
     def __init__(self, embed_dim, n_classes, channels=512, pool_scales=(1, 2, 3, 6), dropout=0.1):
         super().__init__()
         D, C = embed_dim, channels
-        self.pyramid = nn.ModuleList([
-            nn.Sequential(nn.ConvTranspose2d(D, D, 2, 2), nn.BatchNorm2d(D), nn.GELU(), nn.ConvTranspose2d(D, D, 2, 2)),
-            nn.ConvTranspose2d(D, D, 2, 2), nn.Identity(), nn.MaxPool2d(2)])
+        self.pyramid = vit_pyramid(D)
         self.ppm = nn.ModuleList([nn.Sequential(nn.AdaptiveAvgPool2d(s), conv_bn_relu(D, C, 1)) for s in pool_scales])
         self.ppm_bottleneck = conv_bn_relu(D + len(pool_scales) * C, C)
         self.laterals = nn.ModuleList([conv_bn_relu(D, C, 1) for _ in range(3)])
@@ -88,25 +97,52 @@ class UPerNetHead(nn.Module):
         for i in range(3, 0, -1):  # top-down: each level adds the coarser one
             laterals[i - 1] = laterals[i - 1] + resize_to(laterals[i], laterals[i - 1])
         outs = [conv(x) for conv, x in zip(self.fpn_convs, laterals[:3])] + [laterals[3]]
-        fused = self.fpn_bottleneck(torch.cat([outs[0]] + [resize_to(x, outs[0]) for x in outs[1:]], dim=1))
+        fused = self.fpn_bottleneck(concat_at_finest(outs))
         return resize_to(self.classifier(self.dropout(fused)), images)
 
-HEADS = ("omnirad", "linear", "upernet")
+class ViTDetHead(nn.Module):
+    """ViTDet's simple feature pyramid (Li et al. 2022; RAD-DINO Table 6) on ONE block's map (the last by default):
+    vit_pyramid's 4x, 2x, 1x, 1/2x levels (built as UPerNet's), each through a 1x1 and a 3x3 conv, both followed by
+    a norm and no activation (as detectron2's SimpleFeaturePyramid). The norm is BatchNorm, not ViTDet's LayerNorm
+    over channels: it matches the pyramid's own norm and every other head here (the script already asks for
+    batches >= 2). ViTDet stops at the levels (a detector reads them); for per-pixel logits we add UPerHead's last
+    step: all levels resized to the finest (4x) and concatenated, one 3x3 conv-BN-ReLU, a 1x1 classifier, bilinear
+    to the input. Concatenation rather than an FPN top-down sum: it reuses UPerNet's code, lets one conv weigh the
+    coarse and fine levels per pixel, and adds no second set of per-level convs (the 3x3s already give context)."""
+
+    def __init__(self, embed_dim, n_classes, channels=256):
+        super().__init__()
+        D, C = embed_dim, channels
+        self.pyramid = vit_pyramid(D)
+        self.level_convs = nn.ModuleList([nn.Sequential(
+            nn.Conv2d(D, C, 1, bias=False), nn.BatchNorm2d(C), nn.Conv2d(C, C, 3, padding=1, bias=False),
+            nn.BatchNorm2d(C)) for _ in range(4)])
+        self.fuse = conv_bn_relu(4 * C, C)
+        self.classifier = nn.Conv2d(C, n_classes, 1)
+
+    def forward(self, images, feats):
+        (patches, _), = feats  # one block: all four levels come from the same map
+        levels = [convs(to_level(patches)) for convs, to_level in zip(self.level_convs, self.pyramid)]
+        return resize_to(self.classifier(self.fuse(concat_at_finest(levels))), images)
+
+HEADS = ("omnirad", "linear", "upernet", "vitdet")
 
 def build_head(head, embed_dim, n_classes, omnirad_width=0, linear_n_last=1, linear_cls_token=True,
-               upernet_channels=512):
+               upernet_channels=512, vitdet_channels=256):
     if head == "omnirad":
         return OmniRadHead(embed_dim, n_classes, omnirad_width or embed_dim)
     if head == "linear":
         return LinearHead(embed_dim, n_classes, linear_n_last, linear_cls_token)
     if head == "upernet":
         return UPerNetHead(embed_dim, n_classes, upernet_channels or embed_dim)
+    if head == "vitdet":
+        return ViTDetHead(embed_dim, n_classes, vitdet_channels or embed_dim)
     raise ValueError(f"--head={head!r}: expected one of {HEADS}")
 
 def head_layers(head, depth, layers=(), linear_n_last=1):
     """The blocks a head reads: `layers` if given, else the linear head's last n, or n blocks evenly spaced up to
-    the last (OmniRad's 3, 7, 11 of 12 for n=3; 2, 5, 8, 11 for UPerNet's n=4; 1, 3, 5 of 6)."""
-    n = {"omnirad": 3, "upernet": 4, "linear": linear_n_last}[head]
+    the last (OmniRad's 3, 7, 11 of 12 for n=3; 2, 5, 8, 11 for UPerNet's n=4; 1, 3, 5 of 6; ViTDet's n=1: the last)."""
+    n = {"omnirad": 3, "upernet": 4, "linear": linear_n_last, "vitdet": 1}[head]
     if layers:
         layers = tuple(sorted(set(int(i) for i in layers)))
     elif head == "linear":

@@ -21,8 +21,18 @@ def tiny_segmenter(head, patch_size=14, n_classes=3, seed=0):
     vit = small_vit(patch_size, seed=seed)
     layers = sh.head_layers(head, vit.config.depth, linear_n_last=2 if head == "linear" else 1)
     seg_head = sh.build_head(head, vit.embed_dim, n_classes, omnirad_width=16,
-                             linear_n_last=len(layers) if head == "linear" else 1, upernet_channels=16)
+                             linear_n_last=len(layers) if head == "linear" else 1, upernet_channels=16,
+                             vitdet_channels=16)
     return fs.FrozenBackboneSegmenter(vit, seg_head, layers)
+
+
+def vitdet_head_parameters_by_hand(D, C, n_classes):
+    """ViTDetHead's size from its layer shapes: embed_dim D, pyramid width D, level/fusion width C."""
+    transposed_conv = D * D * 2 * 2 + D                    # 2x2 stride-2, with bias
+    pyramid = 3 * transposed_conv + 2 * D                  # 4x: two and a BatchNorm between them; 2x: one
+    level = (D * C + 2 * C) + (C * C * 3 * 3 + 2 * C)      # 1x1 conv + BN, 3x3 conv + BN (convs without bias)
+    fuse = 4 * C * C * 3 * 3 + 2 * C                       # 3x3 conv-BN-ReLU on the 4 concatenated levels
+    return pyramid + 4 * level + fuse + C * n_classes + n_classes
 
 
 # ---------------------------------------------------------------------------------------------- loss
@@ -42,6 +52,7 @@ def test_head_layers_reproduce_omnirad_blocks_and_fit_shallow_vits():
     assert sh.head_layers("omnirad", 6) == (1, 3, 5)
     assert sh.head_layers("linear", 12, linear_n_last=4) == (8, 9, 10, 11)
     assert sh.head_layers("omnirad", 12, layers=(11, 3, 7)) == (3, 7, 11)
+    assert sh.head_layers("vitdet", 12) == (11,) and sh.head_layers("vitdet", 4) == (3,)
     with pytest.raises(ValueError, match="needs 4"):
         sh.head_layers("upernet", 12, layers=(3, 7, 11))
 
@@ -56,8 +67,9 @@ def test_head_gives_input_sized_logits_at_odd_sizes(head, size):
     assert torch.isfinite(out).all()
 
 
-def test_frozen_backbone_is_bit_identical_after_training_steps():
-    model = tiny_segmenter("omnirad", patch_size=8)
+@pytest.mark.parametrize("head", ["omnirad", "vitdet"])
+def test_frozen_backbone_is_bit_identical_after_training_steps(head):
+    model = tiny_segmenter(head, patch_size=8)
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     head_before = {k: v.clone() for k, v in model.head.state_dict().items()}
     # an optimizer over *all* parameters: freezing must not rely on leaving the backbone out of it
@@ -79,6 +91,18 @@ def test_only_head_parameters_receive_gradients(head):
     assert all(p.grad is None for p in model.backbone.parameters())
     assert all(p.grad is not None for p in model.head.parameters())
     assert fs.count_parameters(model) == fs.count_parameters(model.head)
+
+
+def test_vitdet_head_parameter_count_matches_a_hand_count():
+    model = tiny_segmenter("vitdet", patch_size=8)  # embed_dim 32, vitdet_channels 16, 3 classes
+    assert fs.count_parameters(model.head) == vitdet_head_parameters_by_hand(32, 16, 3)
+
+
+def test_vitdet_pyramid_levels_are_4x_2x_1x_half_the_patch_grid():
+    model = tiny_segmenter("vitdet", patch_size=8).eval()
+    (patches, _), = model.features(torch.randn(1, 3, 32, 48))          # a 4 x 6 patch grid
+    sizes = [tuple(to_level(patches).shape[-2:]) for to_level in model.head.pyramid]
+    assert sizes == [(16, 24), (8, 12), (4, 6), (2, 3)]
 
 
 def test_cached_features_give_the_same_logits_as_computing_them():
@@ -105,13 +129,14 @@ def test_bfloat16_autocast_path_trains_on_cached_features_and_predicts(head):
     assert pred.shape == (4, 32, 32) and pred.dtype == torch.uint8
 
 
-def test_short_run_on_phantoms_beats_all_background_dice():
+@pytest.mark.parametrize("head, layers", [("omnirad", (1, 2, 3)), ("vitdet", (3,))])
+def test_short_run_on_phantoms_beats_all_background_dice(head, layers):
     torch.manual_seed(0)
     datasets, names = fs.load_splits("", phantom_sizes=(64, 0, 16), phantom_px=48)
     train_x, train_y = fs.stack_split(datasets["train"], 48)
     test_x, test_y = fs.stack_split(datasets["test"], 48)
-    seg_head = sh.build_head("omnirad", 32, len(names), omnirad_width=32)
-    model = fs.FrozenBackboneSegmenter(small_vit(8), seg_head, (1, 2, 3))
+    seg_head = sh.build_head(head, 32, len(names), omnirad_width=32, vitdet_channels=32)
+    model = fs.FrozenBackboneSegmenter(small_vit(8), seg_head, layers)
     cache = fs.cache_features(model, train_x, 32, torch.device("cpu"))
     optimizer = torch.optim.AdamW(model.head.parameters(), lr=3e-3, weight_decay=1e-4)
     generator = torch.Generator().manual_seed(0)
@@ -193,3 +218,13 @@ def test_script_runs_end_to_end_and_writes_json_table_and_overlays(tmp_path, ext
     head = extra[0].split("=")[1]
     assert len(table) == 3 and table[2].startswith(f"| {head} on random-init ViT-tiny/8 | ")
     assert sorted(p.name for p in (tmp_path / "overlays").iterdir()) == ["test_00.png", "test_01.png"]
+
+
+def test_script_prints_the_vitdet_head_parameter_count_of_a_hand_count(tmp_path):
+    cmd = ["--head=vitdet", "--vitdet_channels=16", "--epochs=1", "--batch_size=8", "--phantom_sizes=(8,4,4)",
+           "--phantom_px=32", "--img_size=32", "--depth=3", "--n_overlays=0", f"--out_dir={tmp_path}"]
+    result = run_stage("finetune_seg.py", *cmd, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    n_head = vitdet_head_parameters_by_hand(192, 16, 3)  # ViT-tiny: embed_dim 192; phantoms: 3 classes
+    assert f"head vitdet on blocks (2,): {n_head:,} trainable parameters" in result.stdout
+    assert json.loads((tmp_path / "results.json").read_text())["trainable_parameters"] == n_head
