@@ -18,7 +18,8 @@ def resize_to(x, like):
 
 def vit_pyramid(D):
     """Four levels at 4x, 2x, 1x, 1/2x a plain ViT's 1/patch grid (ViTDet's simple pyramid as mmseg's BEiT/MAE
-    recipes build it: D channels at every level, BatchNorm + GELU between the two 2x transposed convs)."""
+    recipes build it: D channels at every level, where detectron2 has D/2 at 2x and D/4 at 4x; BatchNorm + GELU
+    between the two 2x transposed convs, where ViTDet has LayerNorm over channels)."""
     return nn.ModuleList([
         nn.Sequential(nn.ConvTranspose2d(D, D, 2, 2), nn.BatchNorm2d(D), nn.GELU(), nn.ConvTranspose2d(D, D, 2, 2)),
         nn.ConvTranspose2d(D, D, 2, 2), nn.Identity(), nn.MaxPool2d(2)])
