@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -5,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,6 +25,16 @@ def shared_dir(name, what):
 @pytest.fixture(scope="session")
 def oracles_dir():
     return shared_dir("oracles", "oracle tensors")
+
+
+def read_oracle(path):
+    """One reference-output file of ../shared/oracles: (all its tensors, the `weights.` state dict with that
+    prefix removed, the metadata JSON: source, config, what each key holds)."""
+    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["meta"])
+    weights = {k[len("weights."):]: v for k, v in tensors.items() if k.startswith("weights.")}
+    return tensors, weights, meta
 
 
 @pytest.fixture(scope="session")

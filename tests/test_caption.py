@@ -4,11 +4,10 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import caption as C
-from conftest import run_stage
+from conftest import read_oracle, run_stage
 from model import (Bart, Captioner, ViT, VisualPrefix, bart_config, bart_config_from_hf, bart_from_hf_state,
                    beam_search, greedy_search, load_bart, vit_config)
 
@@ -19,11 +18,7 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def bart_oracle(oracles_dir):
-    path = oracles_dir / "bart_hf.safetensors"
-    tensors = load_file(str(path))
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["meta"])
-    weights = {k[len("weights."):]: v for k, v in tensors.items() if k.startswith("weights.")}
+    tensors, weights, meta = read_oracle(oracles_dir / "bart_hf.safetensors")
     model = bart_from_hf_state(weights, bart_config_from_hf(meta["config"])).eval()
     return tensors, weights, meta, model
 

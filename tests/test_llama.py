@@ -5,9 +5,9 @@ from dataclasses import replace
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from conftest import read_oracle
 from model import (Llama, LlamaCache, llama_beam_search, llama_config, llama_config_from_hf, llama_from_hf_state,
                    llama_greedy_search, load_llama)
 
@@ -18,11 +18,7 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def llama_oracle(oracles_dir):
-    path = oracles_dir / "llama_hf.safetensors"
-    tensors = load_file(str(path))
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["meta"])
-    weights = {k[len("weights."):]: v for k, v in tensors.items() if k.startswith("weights.")}
+    tensors, weights, meta = read_oracle(oracles_dir / "llama_hf.safetensors")
     model = llama_from_hf_state(weights, llama_config_from_hf(meta["config"])).eval()
     return tensors, weights, meta, model
 
