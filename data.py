@@ -881,7 +881,8 @@ def make_phantom(rng, img_size, label, task="lesions"):
         ru, rv = 0.26 + jitter(0.03), 0.52 + jitter(0.05)
         lungs.append((side * (0.37 + jitter(0.03)), -0.06 + jitter(0.05), ru, rv))
     lung_d = [ellipse(*lung) for lung in lungs]
-    lung_soft = np.maximum(*[_soft_inside(d, min(l[2], l[3]), s) for d, l in zip(lung_d, lungs)])
+    lung_softs = [_soft_inside(d, min(l[2], l[3]), s) for d, l in zip(lung_d, lungs)]  # each lung, soft-edged
+    lung_soft = np.maximum(*lung_softs)
     heart = (0.13 + jitter(0.04), 0.32 + jitter(0.04), 0.25 + jitter(0.03), 0.2 + jitter(0.03))
     if finding == "cardiomegaly":  # a cardiothoracic ratio well above 0.5
         heart = (heart[0] + 0.02, heart[1] - 0.08, heart[2] * 1.8, heart[3] * 1.7)
@@ -902,7 +903,7 @@ def make_phantom(rng, img_size, label, task="lesions"):
     if task == "lesions":
         lesion_field, lesion_hard, caption = _draw_lesions(rng, label, u, v, lungs, lung_inside, heart, s)
     else:
-        lesion_field, caption = _draw_anatomy(rng, finding, u, v, lungs, lung_d, s)
+        lesion_field, caption = _draw_anatomy(rng, finding, u, v, lungs, lung_softs, lung_soft, s)
         lesion_hard = np.zeros(u.shape, dtype=bool)
     image = image + lesion_field
     image = image + rng.normal(0.0, rng.uniform(0.01, 0.03), (s, s))
@@ -975,8 +976,9 @@ def _draw_lesions(rng, label, u, v, lungs, lung_inside, heart, s):
     return field, hard, f"consolidation in the {side_names[lung_index]} {zone(lung_index, cv)} lung"
 
 
-def _draw_anatomy(rng, finding, u, v, lungs, lung_d, s):
-    """Intensity (H,W) and caption of an "anatomy" finding (cardiomegaly is drawn with the heart)."""
+def _draw_anatomy(rng, finding, u, v, lungs, lung_softs, lung_soft, s):
+    """Intensity (H,W) and caption of an "anatomy" finding (cardiomegaly is drawn with the heart); lung_softs:
+    each lung's soft-edged inside, lung_soft: both lungs'."""
     field = np.zeros_like(u)
     if finding == "normal":
         return field, "normal heart size, clear lungs"
@@ -989,7 +991,7 @@ def _draw_anatomy(rng, finding, u, v, lungs, lung_d, s):
             lateral = np.clip((u - cu) * (1 if i else -1) / ru, 0, 1)
             level = cv + rv * rng.uniform(-0.05, 0.35) - 0.2 * rv * lateral
             fluid = np.clip((v - level) * s / 3 + 0.5, 0, 1)
-            field += float(rng.uniform(0.22, 0.28)) * fluid * _soft_inside(lung_d[i], min(ru, rv), s)
+            field += float(rng.uniform(0.22, 0.28)) * fluid * lung_softs[i]
         where = "both" if len(sides) == 2 else ("right", "left")[sides[0]]
         return field, f"pleural effusion, {where} side"
     # interstitial pattern: a fine net of lines over both lungs
@@ -998,8 +1000,7 @@ def _draw_anatomy(rng, finding, u, v, lungs, lung_d, s):
     for angle in rng.uniform(0, np.pi, 3):
         phase = (u * np.cos(angle) + v * np.sin(angle)) / period + rng.uniform()
         net = np.maximum(net, np.cos(2 * np.pi * phase) ** 8)
-    lungs_soft = np.maximum(*[_soft_inside(d, min(l[2], l[3]), s) for d, l in zip(lung_d, lungs)])
-    return float(rng.uniform(0.1, 0.14)) * net * lungs_soft, "reticular interstitial pattern in both lungs"
+    return float(rng.uniform(0.1, 0.14)) * net * lung_soft, "reticular interstitial pattern in both lungs"
 
 
 class PhantomDataset(torch.utils.data.Dataset):
