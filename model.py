@@ -375,6 +375,20 @@ def read_safetensors(path, tensors=True):
                             else "no other checkpoint beside it")) from None
 
 
+def read_hf_safetensors(path):
+    """Tensors of a safetensors file, or of a HF folder's model.safetensors or its shards (7B models are
+    published in several files listed by model.safetensors.index.json)."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if path.is_dir() and index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {k: v for shard in shards for k, v in read_safetensors(path / shard)[0].items()}
+    file = path / "model.safetensors" if path.is_dir() else path
+    if not file.exists():
+        raise FileNotFoundError(f"checkpoint '{file}' not found")
+    return read_safetensors(file)[0]
+
+
 def read_state_dict(path):
     """Tensors and safetensors metadata from .safetensors, or an official .pth (never unpickled
     beyond plain tensors: weights_only=True)."""
@@ -978,11 +992,8 @@ def load_bart(path, **config_overrides):
     """A Bart from a HuggingFace BART safetensors file or model folder (config.json beside it gives
     the config; without one, sizes are read from the shapes with 64-dim heads)."""
     path = Path(path)
-    file = path / "model.safetensors" if path.is_dir() else path
-    if not file.exists():
-        raise FileNotFoundError(f"BART checkpoint '{file}' not found")
-    state, _ = read_safetensors(file)
-    hf_config = file.with_name("config.json")
+    state = read_hf_safetensors(path)
+    hf_config = (path if path.is_dir() else path.parent) / "config.json"
     if hf_config.exists():
         config = bart_config_from_hf({**json.loads(hf_config.read_text()), **config_overrides})
     else:
@@ -997,7 +1008,7 @@ def load_bart(path, **config_overrides):
                         encoder_ffn_dim=state[prefix + "encoder.layers.0.fc1.weight"].shape[0],
                         decoder_ffn_dim=state[prefix + "decoder.layers.0.fc1.weight"].shape[0])
         config = BartConfig(**{**inferred, **config_overrides})
-    return bart_from_hf_state(state, config, source=str(file))
+    return bart_from_hf_state(state, config, source=str(path))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1290,20 +1301,6 @@ def infer_llama_config(state, **overrides):
         tie_word_embeddings="lm_head.weight" not in state,
     )
     return LlamaConfig(**{**inferred, **overrides})
-
-
-def read_hf_safetensors(path):
-    """Tensors of a safetensors file, or of a HF folder's model.safetensors or its shards (7B models are
-    published in several files listed by model.safetensors.index.json)."""
-    path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if path.is_dir() and index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in read_safetensors(path / shard)[0].items()}
-    file = path / "model.safetensors" if path.is_dir() else path
-    if not file.exists():
-        raise FileNotFoundError(f"checkpoint '{file}' not found")
-    return read_safetensors(file)[0]
 
 
 def load_llama(path, **config_overrides):
