@@ -8,13 +8,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+
 def conv_bn_relu(in_channels, out_channels, kernel_size=3, stride=1):
     return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=False),
                          nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
+
 def resize_to(x, like):
     """Bilinear to `like`'s size: "2x bilinear" as an exact size keeps odd sizes (518 px: 65, 33, 17) aligned."""
     return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)
+
 
 def vit_pyramid(D):
     """Four levels at 4x, 2x, 1x, 1/2x a plain ViT's 1/patch grid (ViTDet's simple pyramid as mmseg's BEiT/MAE
@@ -24,9 +27,11 @@ def vit_pyramid(D):
         nn.Sequential(nn.ConvTranspose2d(D, D, 2, 2), nn.BatchNorm2d(D), nn.GELU(), nn.ConvTranspose2d(D, D, 2, 2)),
         nn.ConvTranspose2d(D, D, 2, 2), nn.Identity(), nn.MaxPool2d(2)])
 
+
 def concat_at_finest(levels):
     """UPerHead's fusion input: every level resized to the first (finest) one, concatenated along channels."""
     return torch.cat([levels[0]] + [resize_to(x, levels[0]) for x in levels[1:]], dim=1)
+
 
 class OmniRadHead(nn.Module):
     """OmniRad's adapter: a conv branch's 1/8, 1/16, 1/32 maps, each fused with one block's tokens; two upsampling
@@ -58,6 +63,7 @@ class OmniRadHead(nn.Module):
         u8 = self.up8(torch.cat([resize_to(u16, f8), f8], dim=1))
         return resize_to(self.classifier(u8), images)
 
+
 class LinearHead(nn.Module):
     """DINOv2's BNHead: BatchNorm + 1x1 conv on concatenated patch maps (+ the CLS token broadcast over them)."""
 
@@ -72,6 +78,7 @@ class LinearHead(nn.Module):
         if self.cls_token:
             maps += [cls[:, :, None, None].expand_as(patches) for patches, cls in feats]
         return resize_to(self.classifier(self.bn(torch.cat(maps, dim=1))), images)
+
 
 class UPerNetHead(nn.Module):
     """UPerNet on a plain ViT: 4 blocks' maps (all at 1/patch) become a pyramid at 4x, 2x, 1x, 1/2x (mmseg's
@@ -101,6 +108,7 @@ class UPerNetHead(nn.Module):
         fused = self.fpn_bottleneck(concat_at_finest(outs))
         return resize_to(self.classifier(self.dropout(fused)), images)
 
+
 class ViTDetHead(nn.Module):
     """ViTDet's simple feature pyramid (Li et al. 2022; RAD-DINO Table 6) on ONE block's map (the last by default):
     vit_pyramid's 4x, 2x, 1x, 1/2x levels (built as UPerNet's), each through a 1x1 and a 3x3 conv, both followed by
@@ -126,7 +134,9 @@ class ViTDetHead(nn.Module):
         levels = [convs(to_level(patches)) for convs, to_level in zip(self.level_convs, self.pyramid)]
         return resize_to(self.classifier(self.fuse(concat_at_finest(levels))), images)
 
+
 HEADS = ("omnirad", "linear", "upernet", "vitdet")
+
 
 def build_head(head, embed_dim, n_classes, omnirad_width=0, linear_n_last=1, linear_cls_token=True,
                upernet_channels=512, vitdet_channels=256):
@@ -139,6 +149,7 @@ def build_head(head, embed_dim, n_classes, omnirad_width=0, linear_n_last=1, lin
     if head == "vitdet":
         return ViTDetHead(embed_dim, n_classes, vitdet_channels or embed_dim)
     raise ValueError(f"--head={head!r}: expected one of {HEADS}")
+
 
 def head_layers(head, depth, layers=(), linear_n_last=1):
     """The blocks a head reads: `layers` if given, else the linear head's last n, or n blocks evenly spaced up to
