@@ -12,8 +12,7 @@ import torch
 from PIL import Image
 
 import data
-from conftest import REPO, cpu_env, run_stage
-from test_pretrain import run_tiny_pretrain
+from conftest import REPO, cpu_env, run_stage, run_tiny_pretrain
 
 pydicom = pytest.importorskip("pydicom")
 from pydicom.data import get_testdata_file  # noqa: E402 (after the skip when pydicom is absent)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 import checkpoint
 import model
 import pretrain as P
-from conftest import REPO, cpu_env, run_stage
+from conftest import REPO, TINY_RUN, cpu_env, run_stage, run_tiny_pretrain
 from data import (MaskedCollate, MaskingGenerator, MultiCropDataset, SourceImageDataset, auto_source_px, item_seed,
                   open_images)
 from model import ViT, vit_config
@@ -458,22 +458,6 @@ def test_two_gloo_processes_average_gradients_to_the_one_process_gradients(tmp_p
 # ----------------------------------------------------------------------------------------------
 # Runs of the script itself (tiny model on phantoms): resume, atomic checkpoints, NaN stop, learning
 # ----------------------------------------------------------------------------------------------
-
-TINY_RUN = ["--model_size=tiny", "--depth=2", "--patch_size=8", "--global_crops_size=32", "--local_crops_size=16",
-            "--n_local_crops=2", "--batch_size=8", "--head_n_prototypes=128", "--head_hidden_dim=64",
-            "--head_bottleneck_dim=32", "--phantom_sizes=(64,64,64)", "--phantom_px=32", "--eval_every=0",
-            "--log_interval=1", "--warmup_iters=2", "--teacher_temp_warmup_iters=4", "--freeze_last_layer_iters=1",
-            # DINOv2's multi-crop views and teacher, not the phantom demo's: every path of the step runs
-            "--global_crops_only=False", "--global_crops_scale=(0.32,1.0)", "--color_jitter=(0.4,0.4,0.2,0.1)",
-            "--solarize_p=0.2", "--blur_probs=(1.0,0.1,0.5)", "--base_lr=0.004", "--momentum_teacher=0.99",
-            "--final_momentum_teacher=1.0", "--warmup_teacher_temp=0.04", "--teacher_temp=0.07",
-            "--phantom_task=lesions"]
-
-
-def run_tiny_pretrain(args, timeout=300):
-    """A one-thread CPU run of the tiny config (fp32, so resume is bitwise), also on a GPU machine."""
-    return run_stage("pretrain.py", *TINY_RUN, *args, timeout=timeout, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
-
 
 def checkpoint_step(out_dir):
     try:
