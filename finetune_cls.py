@@ -31,6 +31,7 @@ import data
 import model as vit_model
 from config import configure
 from figures import save_classification_figure
+from lora import VIT_TARGETS, add_lora, merge_lora
 from metrics import as_numpy, classification_metrics, mean_std
 from progress import format_duration
 from schedules import lr_at
@@ -84,66 +85,6 @@ export = True                    # save the selected model: backbone (LoRA merge
 out_dir = "out/finetune_cls"    # results.json, and the exported model per seed
 
 # ----------------------------------------------------------------------------------------------
-# LoRA (Hu et al. 2021) on the attention and MLP linears of every block
-# ----------------------------------------------------------------------------------------------
-
-# qkv/proj of the attention, fc1/fc2 of the GELU MLP, w12/w3 of the SwiGLU MLP (ViT-g)
-LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "mlp.w12", "mlp.w3")
-
-
-class LoRALinear(nn.Module):
-    """y = W x + b + (alpha / r) B A x with W and b frozen. A starts random (kaiming-uniform, as the
-    LoRA reference code) and B at zero, so training starts from exactly the base model."""
-
-    def __init__(self, base, rank, alpha):
-        super().__init__()
-        self.base = base.requires_grad_(False)
-        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
-        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
-        self.scaling = alpha / rank
-
-    def forward(self, x):
-        return self.base(x) + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scaling
-
-    def merged(self):
-        """A plain nn.Linear with the low-rank update folded into its weight."""
-        base = self.base
-        linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
-        linear = linear.to(base.weight.device, base.weight.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(base.weight + self.scaling * (self.lora_b @ self.lora_a))
-            if base.bias is not None:
-                linear.bias.copy_(base.bias)
-        return linear
-
-
-def add_lora(vit, rank, alpha):
-    """Freeze the whole ViT and wrap the LORA_TARGETS linears of every block in LoRALinear, in
-    place. Returns the new (trainable) LoRA parameters."""
-    vit.requires_grad_(False)
-    targets = [name for name, m in vit.blocks.named_modules()
-               if isinstance(m, nn.Linear) and name.split(".", 1)[-1] in LORA_TARGETS]
-    if not targets:
-        raise ValueError(f"add_lora: no linear layer named {LORA_TARGETS} in the ViT blocks")
-    for name in targets:
-        parent_name, child = name.rsplit(".", 1)
-        parent = vit.blocks.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha))
-    return [p for name, p in vit.named_parameters() if ".lora_" in name]
-
-
-def merge_lora(vit):
-    """Replace every LoRALinear by its merged nn.Linear, in place: the result is a plain ViT whose
-    state dict has the official key names again (save_backbone / load_backbone read it)."""
-    for name, module in list(vit.named_modules()):
-        if isinstance(module, LoRALinear):
-            parent_name, child = name.rsplit(".", 1)
-            setattr(vit.get_submodule(parent_name), child, module.merged())
-    return vit
-
-
-# ----------------------------------------------------------------------------------------------
 # Classifier: backbone + head, and what trains in each mode
 # ----------------------------------------------------------------------------------------------
 
@@ -187,7 +128,7 @@ def setup_mode(model, mode, lora_rank=8, lora_alpha=16.0):
         model.backbone.requires_grad_(False)
         return list(model.head.parameters())
     if mode == "lora":
-        return add_lora(model.backbone, lora_rank, lora_alpha) + list(model.head.parameters())
+        return add_lora(model.backbone, lora_rank, lora_alpha, VIT_TARGETS) + list(model.head.parameters())
     raise ValueError(f"mode {mode!r}: expected one of {MODES}")
 
 

@@ -9,8 +9,8 @@ import torch
 
 import model as vit_model
 from conftest import run_stage
-from finetune_cls import (Classifier, LoRALinear, class_weights, make_optimizer, merge_lora, set_train_mode,
-                          setup_mode, train_step)
+from finetune_cls import Classifier, class_weights, make_optimizer, set_train_mode, setup_mode, train_step
+from lora import LoRALinear, merge_lora
 from metrics import classification_metrics
 
 
