@@ -1,6 +1,6 @@
 """LoRA (Hu et al. 2021): low-rank adapters on the linear layers of a frozen network. finetune_cls.py
-adapts a ViT's blocks with it, caption.py a causal LM's; merge_lora folds the adapters back in, so the
-exported weights have the plain network's key names."""
+adapts a ViT's blocks with it, caption.py its decoder (BART or a causal LM); merge_lora folds the
+adapters back in, so the exported weights have the plain network's key names."""
 import math
 
 import torch
@@ -11,6 +11,8 @@ import torch.nn.functional as F
 VIT_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "mlp.w12", "mlp.w3")
 # the attention and SwiGLU projections of every Llama decoder layer (LLaVA-1.5's LoRA targets)
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# the attention projections and the MLP of every BART encoder and decoder layer
+BART_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
 class LoRALinear(nn.Module):

@@ -1471,9 +1471,9 @@ def llama_beam_search(lm, prefix_embeds, num_beams=3, max_new_tokens=64, length_
 # ---------------------------------------------------------------------------- image captioning
 
 class VisualPrefix(nn.Module):
-    """OmniRad's bridge from ViT tokens T (B, N, Dv) to K input embeddings for BART: a linear
+    """OmniRad's bridge from ViT tokens T (B, N, Dv) to K decoder input embeddings: a linear
     projection and LayerNorm, Z = LN(W_p T), then a Patch Merger (Renggli et al.) with K learned
-    queries Q, P = softmax(Q Z^T / sqrt(D)) Z. K is fixed, so BART's encoder sees the same short
+    queries Q, P = softmax(Q Z^T / sqrt(D)) Z. K is fixed, so the decoder sees the same short
     sequence whatever the image size."""
 
     def __init__(self, vit_dim, d_model, n_queries=64, query_std=1.0):
@@ -1493,15 +1493,46 @@ class VisualPrefix(nn.Module):
         return weights @ z  # (B, K, D)
 
 
-class Captioner(nn.Module):
-    """Frozen ViT -> VisualPrefix -> BART encoder (as input embeddings) -> BART decoder. The ViT has
-    requires_grad off and stays in eval mode; only the prefix and BART train."""
+class MLPProjector(nn.Module):
+    """LLaVA-1.5's bridge, which RAD-DINO uses (§4.2): every ViT patch token through Linear -> GELU ->
+    Linear into the decoder's embedding space. Nothing is merged: the decoder sees all N tokens."""
 
-    def __init__(self, vit, bart, n_queries=64, query_std=1.0):
+    def __init__(self, vit_dim, d_model):
+        super().__init__()
+        self.fc1 = nn.Linear(vit_dim, d_model)
+        self.fc2 = nn.Linear(d_model, d_model)
+
+    def forward(self, tokens):
+        return self.fc2(F.gelu(self.fc1(tokens)))
+
+
+BRIDGES = ("merger", "mlp")  # OmniRad's Linear + LN + Patch Merger, RAD-DINO's (LLaVA's) two-layer MLP
+
+
+def make_bridge(kind, vit_dim, d_model, n_queries=64, query_std=1.0):
+    """The module that turns ViT tokens (B, N, Dv) into decoder input embeddings (B, P, D)."""
+    if kind == "merger":
+        return VisualPrefix(vit_dim, d_model, n_queries, query_std)
+    if kind == "mlp":
+        return MLPProjector(vit_dim, d_model)
+    raise ValueError(f"bridge '{kind}': expected one of {BRIDGES}")
+
+
+class Captioner(nn.Module):
+    """Frozen ViT -> bridge -> decoder, in one of two layouts:
+    - BART (OmniRad): the bridge's output is the BART encoder's input; the decoder cross-attends to its states.
+    - a causal LM (LLaVA-1.5, RAD-DINO): the LM reads the prefix [<s>, bridge output, instruction tokens]
+      and continues it with the report.
+    The ViT has requires_grad off and stays in eval mode; the bridge and the decoder train."""
+
+    def __init__(self, vit, bridge, decoder, instruction_ids=()):
         super().__init__()
         self.vit = vit.requires_grad_(False).eval()
-        self.prefix = VisualPrefix(vit.embed_dim, bart.config.d_model, n_queries, query_std)
-        self.bart = bart
+        self.prefix = bridge
+        self.decoder = decoder
+        self.causal_lm = isinstance(decoder, Llama)
+        self.register_buffer("instruction_ids", torch.tensor(list(instruction_ids), dtype=torch.long),
+                             persistent=False)
 
     def train(self, mode=True):
         super().train(mode)
@@ -1515,10 +1546,20 @@ class Captioner(nn.Module):
 
     def encode_tokens(self, vit_tokens):
         """BART encoder states (B, K, D) from ViT tokens (a script may cache those: the ViT is frozen)."""
-        return self.bart.encode(self.prefix(vit_tokens))
+        return self.decoder.encode(self.prefix(vit_tokens))
 
-    def encode(self, images):
-        return self.encode_tokens(self.vit_tokens(images))
+    def lm_prefix(self, vit_tokens):
+        """The causal LM's prefix embeddings (B, 1 + P + I, D): <s>, the image, the instruction."""
+        B, embed = len(vit_tokens), self.decoder.model.embed_tokens
+        bos = torch.full((B, 1), self.decoder.config.bos_token_id, device=vit_tokens.device)
+        image = self.prefix(vit_tokens)
+        return torch.cat([embed(bos).to(image.dtype), image,
+                          embed(self.instruction_ids.expand(B, -1)).to(image.dtype)], dim=1)
 
-    def forward(self, images, decoder_input_ids, decoder_attention_mask=None):
-        return self.bart.decode(decoder_input_ids, self.encode(images), decoder_attention_mask)
+    def forward(self, images, token_ids):
+        """Logits for `token_ids` (B, T): BART's decoder inputs, or the report tokens that follow the LM's
+        prefix (then the logits cover the prefix positions too: (B, prefix + T, vocab))."""
+        tokens = self.vit_tokens(images)
+        if self.causal_lm:
+            return self.decoder(token_ids, inputs_embeds=self.lm_prefix(tokens))
+        return self.decoder.decode(token_ids, self.encode_tokens(tokens))

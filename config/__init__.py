@@ -24,6 +24,7 @@ RENAMED_KEYS = {
     "log_every": "log_interval",
     "n_phantoms": "phantom_sizes", "n_phantom_train": "phantom_sizes", "n_phantom_val": "phantom_sizes",
     "n_phantom_test": "phantom_sizes", "phantom_size_px": "phantom_px", "data": "data_path",
+    "bart_size": "decoder_size", "bart_init": "decoder_init",
 }
 
 

@@ -2,13 +2,14 @@
 # -> BART-base, trained 20 epochs with AdamW at 5e-5, effective batch 64, mixed precision; beam search
 # with 5 beams and 64 tokens. Give the encoder, the BART weights and BART's tokenizer:
 #   python caption.py config/caption_omnirad.py --data_path=roco/captions.csv \
-#       --init_from=omnirad_base.safetensors --bart_init=bart-base/ --tokenizer=bart-base/tokenizer.json
-# (without bart_init, BART-base starts random and the BPE tokenizer is trained on the captions)
+#       --init_from=omnirad_base.safetensors --decoder_init=bart-base/
+# (BART's tokenizer.json is read from that folder; without decoder_init, BART-base starts random and the BPE
+# tokenizer is trained on the captions)
 out_dir = "out/caption_omnirad"
 img_size = 224
 model_size = "base"    # random-init encoder only (init_from sets the real one)
 patch_size = 14
-bart_size = "base"
+decoder_size = "base"
 n_queries = 64
 max_caption_tokens = 64
 epochs = 20

@@ -8,8 +8,10 @@ from safetensors.torch import save_file
 
 import caption as C
 from conftest import read_oracle, run_stage
-from model import (Bart, Captioner, ViT, VisualPrefix, bart_config, bart_config_from_hf, bart_from_hf_state,
-                   beam_search, greedy_search, load_bart, vit_config)
+from lora import LoRALinear, merge_lora
+from model import (Bart, Captioner, Llama, ViT, VisualPrefix, bart_config, bart_config_from_hf, bart_from_hf_state,
+                   beam_search, greedy_search, llama_beam_search, llama_config, llama_greedy_search, load_bart,
+                   make_bridge, vit_config)
 
 TOL = 1e-4
 
@@ -141,33 +143,104 @@ def test_beam_search_with_one_beam_is_greedy():
 
 # ---------------------------------------------------------------------------- the captioner
 
-def tiny_captioner(vocab_size, img_size=32):
+PAIRS = [("merger", "bart"), ("mlp", "bart"), ("merger", "causal_lm"), ("mlp", "causal_lm")]
+SPECIAL_IDS = dict(bos_token_id=0, pad_token_id=1, eos_token_id=2)  # caption.train_tokenizer's
+
+
+def tiny_captioner(vocab_size, img_size=32, bridge="merger", decoder="bart", instruction_ids=(5, 6, 7)):
     vit = ViT(vit_config("tiny", depth=2, patch_size=8, img_size=img_size))
-    bart = Bart(bart_config("tiny", d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-                            decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
-                            vocab_size=vocab_size, max_position_embeddings=64, dropout=0.0))
-    return Captioner(vit, bart, n_queries=8)
+    if decoder == "bart":
+        dec = Bart(bart_config("tiny", d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                               decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                               vocab_size=vocab_size, max_position_embeddings=64, dropout=0.0))
+        instruction_ids = ()
+    else:
+        dec = Llama(llama_config("tiny", vocab_size=vocab_size, **SPECIAL_IDS))
+    return Captioner(vit, make_bridge(bridge, 192, 64, n_queries=8), dec, instruction_ids)
 
 
-def test_only_projection_merger_and_bart_train_the_vit_stays_bit_identical():
+@pytest.mark.parametrize("bridge,decoder", PAIRS)
+def test_only_the_bridge_and_the_decoder_train_the_vit_stays_bit_identical(bridge, decoder):
     torch.manual_seed(0)
-    model = tiny_captioner(vocab_size=40).train()
+    model = tiny_captioner(vocab_size=40, bridge=bridge, decoder=decoder).train()
     assert not model.vit.training, "the frozen ViT must stay in eval mode"
     vit_before = {k: v.clone() for k, v in model.vit.state_dict().items()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
-    images, ids = torch.randn(2, 3, 32, 32), torch.randint(0, 40, (2, 6))
+    images, ids = torch.randn(2, 3, 32, 32), torch.randint(3, 40, (2, 6))
     logits = model(images, ids)
     F = torch.nn.functional
-    F.cross_entropy(logits.flatten(0, 1), torch.randint(0, 40, (12,))).backward()
+    F.cross_entropy(logits.flatten(0, 1), torch.randint(0, 40, (logits.shape[0] * logits.shape[1],))).backward()
     optimizer.step()
     assert all(p.grad is None for p in model.vit.parameters())
     trained = {name.split(".")[0] for name, p in model.named_parameters()
                if p.grad is not None and p.grad.abs().sum() > 0}
-    assert trained == {"prefix", "bart"}
-    for part in ("prefix.proj.weight", "prefix.norm.weight", "prefix.queries"):
+    assert trained == {"prefix", "decoder"}
+    parts = ("prefix.proj.weight", "prefix.norm.weight", "prefix.queries") if bridge == "merger" else \
+        ("prefix.fc1.weight", "prefix.fc2.weight")
+    for part in parts:
         assert dict(model.named_parameters())[part].grad.abs().sum() > 0, part
     assert all(torch.equal(v, vit_before[k]) for k, v in model.vit.state_dict().items())
+
+
+def test_the_lm_prefix_is_bos_then_the_image_then_the_instruction():
+    torch.manual_seed(0)
+    model = tiny_captioner(vocab_size=40, bridge="mlp", decoder="causal_lm", instruction_ids=(9, 8, 7, 6)).eval()
+    tokens = torch.randn(2, 16, 192)
+    with torch.no_grad():
+        prefix = model.lm_prefix(tokens)
+        embed = model.decoder.model.embed_tokens
+        assert prefix.shape == (2, 1 + 16 + 4, 64)
+        assert torch.equal(prefix[:, 0], embed.weight[SPECIAL_IDS["bos_token_id"]].expand(2, -1))
+        assert torch.equal(prefix[:, 1:17], model.prefix(tokens))
+        assert torch.equal(prefix[:, 17:], embed.weight[[9, 8, 7, 6]].expand(2, -1, -1))
+
+
+def test_report_loss_ignores_the_targets_of_the_image_and_instruction_positions():
+    """LLaVA trains on the answer only: whatever the labels of the prefix positions hold, the loss is the
+    same; a report label changes it."""
+    torch.manual_seed(0)
+    model = tiny_captioner(vocab_size=40, bridge="mlp", decoder="causal_lm")
+    prefix = model.lm_prefix(torch.randn(3, 16, 192))
+    n_prefix = prefix.shape[1]
+    input_ids, labels = C.report_batch([[10, 11, 2], [12, 2], [13, 14, 15, 2]], n_prefix, pad_id=1)
+    assert (labels[:, :n_prefix] == -100).all() and labels[2, n_prefix:].tolist() == [13, 14, 15, 2]
+    assert labels[1, n_prefix + 2:].tolist() == [-100, -100] and input_ids[1].tolist() == [12, 2, 1, 1]
+    logits = model.decoder(input_ids, inputs_embeds=prefix)
+    loss = C.report_loss(logits, labels, n_prefix)
+    prompt_targets = labels.clone()
+    prompt_targets[:, :n_prefix] = torch.randint(3, 40, (3, n_prefix))  # e.g. the instruction's own next tokens
+    assert torch.equal(C.report_loss(logits, prompt_targets, n_prefix), loss)
+    other_report = labels.clone()
+    other_report[0, n_prefix] = 20
+    assert not torch.equal(C.report_loss(logits, other_report, n_prefix), loss)
+    # by hand: the prefix's last position predicts the first report token, and so on
+    log_probs = logits.float().log_softmax(-1)
+    picked = [log_probs[i, n_prefix - 1 + t, tok] for i, row in enumerate([[10, 11, 2], [12, 2], [13, 14, 15, 2]])
+              for t, tok in enumerate(row)]
+    assert torch.allclose(loss, -torch.stack(picked).mean(), atol=1e-6)
+
+
+@pytest.mark.parametrize("decoder", ["bart", "causal_lm"])
+def test_lora_decoder_trains_only_adapters_and_bridge_and_merges_to_the_same_captioner(decoder):
+    from lora import BART_TARGETS, LLAMA_TARGETS, add_lora
+    torch.manual_seed(0)
+    model = tiny_captioner(vocab_size=40, bridge="mlp", decoder=decoder)
+    adapters = add_lora(model.decoder, 4, 8.0, LLAMA_TARGETS if decoder == "causal_lm" else BART_TARGETS)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {name for name, _ in model.named_parameters()
+                         if name.startswith("prefix.") or ".lora_" in name} and len(adapters) > 0
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    images, ids = torch.randn(2, 3, 32, 32), torch.randint(3, 40, (2, 5))
+    for _ in range(2):
+        model(images, ids).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with torch.no_grad():
+        before = model.eval()(images, ids)
+        merge_lora(model.decoder)
+        assert not any(isinstance(m, LoRALinear) for m in model.modules())
+        assert (model(images, ids) - before).abs().max() < 1e-5
 
 
 def test_short_training_on_phantoms_lowers_the_caption_loss():
@@ -179,12 +252,11 @@ def test_short_training_on_phantoms_lowers_the_caption_loss():
     ids = C.special_token_ids(tok, "test")
     model = tiny_captioner(tok.get_vocab_size()).train()
     vit_tokens = model.vit_tokens(normalize(torch.stack([item["image"] for item in items])))
-    dec_in, labels = C.teacher_forcing_batch([C.caption_ids(tok, c, 32, ids) for c in captions],
-                                                   ids["pad_token_id"], model.bart.config.decoder_start_token_id)
+    token_lists = [C.caption_ids(tok, c, 32, ids) for c in captions]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     losses = []
     for _ in range(40):
-        loss = C.caption_loss(model, vit_tokens, dec_in, labels)
+        loss = C.caption_loss(model, vit_tokens, token_lists)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -192,15 +264,16 @@ def test_short_training_on_phantoms_lowers_the_caption_loss():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-def test_captioner_learns_to_say_what_its_visual_tokens_show():
-    """End to end (prefix, BART encoder, cross-attention, cached greedy and beam decoding): when the
-    frozen tokens carry the class (a shift along one of three directions), held-out images get the
-    right caption. This is the information a pretrained encoder has to provide."""
+@pytest.mark.parametrize("bridge,decoder", [("merger", "bart"), ("mlp", "causal_lm")])
+def test_captioner_learns_to_say_what_its_visual_tokens_show(bridge, decoder):
+    """End to end (bridge, BART encoder and cross-attention or the LM's prefix, cached greedy and beam
+    decoding): when the frozen tokens carry the class (a shift along one of three directions), held-out
+    images get the right caption. This is the information a pretrained encoder has to provide."""
     torch.manual_seed(0)
     captions = ["no lesion, clear lungs", "a nodule in the right upper lung", "consolidation in the left lower lung"]
     tok = C.train_tokenizer(captions * 4, 200)
     ids = C.special_token_ids(tok, "test")
-    model = tiny_captioner(tok.get_vocab_size()).train()
+    model = tiny_captioner(tok.get_vocab_size(), bridge=bridge, decoder=decoder).train()
     directions = torch.randn(3, 192)
 
     def images_showing(n):
@@ -209,21 +282,24 @@ def test_captioner_learns_to_say_what_its_visual_tokens_show():
 
     train_tokens, train_classes = images_showing(192)
     test_tokens, test_classes = images_showing(60)
-    token_lists = [C.caption_ids(tok, captions[c], 64, ids) for c in train_classes]
+    token_lists = [C.caption_ids(tok, captions[c], 64, ids, bos=decoder == "bart") for c in train_classes]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     for _ in range(80):
         batch = torch.randint(0, 192, (32,))
-        dec_in, labels = C.teacher_forcing_batch([token_lists[i] for i in batch], ids["pad_token_id"],
-                                                 model.bart.config.decoder_start_token_id)
-        C.caption_loss(model, train_tokens[batch], dec_in, labels).backward()
+        C.caption_loss(model, train_tokens[batch], [token_lists[i] for i in batch]).backward()
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
     expected = [captions[c] for c in test_classes]
     with torch.no_grad():
-        states = model.encode_tokens(test_tokens)
-        greedy = C.decode_captions(tok, greedy_search(model.bart, states, 64))
-        beams = C.decode_captions(tok, beam_search(model.bart, states, num_beams=3, max_length=64))
+        if decoder == "bart":
+            states = model.encode_tokens(test_tokens)
+            greedy = C.decode_captions(tok, greedy_search(model.decoder, states, 64))
+            beams = C.decode_captions(tok, beam_search(model.decoder, states, num_beams=3, max_length=64))
+        else:
+            prefix = model.lm_prefix(test_tokens)
+            greedy = C.decode_captions(tok, llama_greedy_search(model.decoder, prefix, 64))
+            beams = C.decode_captions(tok, llama_beam_search(model.decoder, prefix, num_beams=3, max_new_tokens=64))
     assert sum(g == e for g, e in zip(greedy, expected)) >= 0.9 * len(expected)
     assert sum(b == e for b, e in zip(beams, expected)) >= 0.9 * len(expected)
 
@@ -318,6 +394,8 @@ def test_bpe_tokenizer_round_trips_text_and_uses_bart_special_ids(tmp_path):
     reloaded = C.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     assert reloaded.encode(text).ids == tok.encode(text).ids
     assert len(C.caption_ids(tok, text, 6, ids)) == 6
+    for_lm = C.caption_ids(tok, text, 6, ids, bos=False)  # a causal LM's <s> opens its prefix instead
+    assert for_lm == C.caption_ids(tok, text, 7, ids)[1:]
 
 
 def test_teacher_forcing_shifts_labels_behind_the_start_token():
