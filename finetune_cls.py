@@ -34,7 +34,7 @@ from figures import save_classification_figure
 from lora import VIT_TARGETS, add_lora, merge_lora
 from metrics import as_numpy, classification_metrics, mean_std
 from progress import format_duration
-from schedules import lr_at
+from schedules import lr_at, param_groups
 
 # ----------------------------------------------------------------------------------------------
 # Config. The defaults are a quick run on the procedural phantoms: random init, a 2-block ViT-tiny/8 at 32 px,
@@ -71,6 +71,7 @@ lr = 1e-3                        # OmniRad fine-tunes pretrained weights at 1e-5
 min_lr = 0.0                     # end of the cosine
 weight_decay = 0.01              # AdamW, on weight matrices only
 warmup_epochs = 1.0              # linear warm-up length, may be fractional
+layerwise_decay = 1.0            # block i's lr x decay^(depth - i), embeddings x decay^(depth + 1) (BEiT); 1.0 = off
 grad_clip = 1.0                  # max gradient norm (0 = no clipping)
 class_weighted = False           # inverse-frequency CE weights (BCE pos_weight for multi-label)
 seeds = (0,)                     # --seeds=0,1,2 runs repeats and prints mean ± std
@@ -144,12 +145,21 @@ def set_train_mode(model, mode):
 # ----------------------------------------------------------------------------------------------
 
 
-def make_optimizer(params, lr, weight_decay):
-    """AdamW; as usual for ViTs, no weight decay on biases, norms, tokens and LayerScale (1-D)."""
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+def make_optimizer(model, lr, weight_decay, layerwise_decay=1.0):
+    """AdamW over the trainable parameters, grouped as pretraining groups them (schedules.param_groups):
+    block i's lr x layerwise_decay^(depth - i), the embeddings x layerwise_decay^(depth + 1), the final
+    norm and the head x1; as usual for ViTs, no weight decay on biases, norms and LayerScale. Each
+    step's lr is lr_at(...) x the group's "lr_multiplier"."""
+    groups = param_groups({"backbone": model.backbone, "head": model.head}, layerwise_decay)
+    for group in groups:
+        group["weight_decay"] = weight_decay * group["wd_multiplier"]
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def set_lr(optimizer, step_lr):
+    """This step's lr (the head's): each group gets step_lr x its layer-wise "lr_multiplier"."""
+    for group in optimizer.param_groups:
+        group["lr"] = step_lr * group["lr_multiplier"]
 
 
 def class_weights(labels, n_classes, multi_label):
@@ -270,6 +280,8 @@ if __name__ == "__main__":
     dataset = data.data_kind(dataset, data_path)
     if mode == "lora" and (lora_rank < 1 or lora_alpha <= 0):
         raise ValueError(f"LoRA needs --lora_rank >= 1 and --lora_alpha > 0, got {lora_rank} and {lora_alpha}")
+    if not 0 < layerwise_decay <= 1:
+        raise ValueError(f"--layerwise_decay={layerwise_decay!r}: expected a number in (0, 1] (1 = off)")
     if epochs < 1 or batch_size < 1 or not 0 <= warmup_epochs <= epochs:
         raise ValueError(f"need epochs >= 1, batch_size >= 1, 0 <= warmup_epochs <= epochs; got "
                          f"{epochs}, {batch_size}, {warmup_epochs}")
@@ -325,7 +337,7 @@ if __name__ == "__main__":
         model = Classifier(backbone, n_classes, head, head_features)
         params = setup_mode(model, mode, lora_rank, lora_alpha)
         model.to(dev)
-        optimizer = make_optimizer(params, lr, weight_decay)
+        optimizer = make_optimizer(model, lr, weight_decay, layerwise_decay)
         lora_note = f" (LoRA r={lora_rank}, alpha={lora_alpha})" if mode == "lora" else ""
         print(f"seed {seed}: mode {mode}{lora_note}, {sum(p.numel() for p in params):,} trainable of "
               f"{sum(p.numel() for p in model.parameters()):,} parameters")
@@ -338,8 +350,8 @@ if __name__ == "__main__":
         for epoch in range(1, epochs + 1):
             set_train_mode(model, mode)
             for images, labels in train_loader:
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, total_steps, warmup_steps, lr, min_lr)
+                step_lr = lr_at(step, total_steps, warmup_steps, lr, min_lr)
+                set_lr(optimizer, step_lr)
                 loss = train_step(model, optimizer, images.to(dev, non_blocking=True), labels.to(dev), multi_label,
                                   weights, grad_clip, autocast_dtype)
                 step, seen = step + 1, seen + len(images)
@@ -347,7 +359,7 @@ if __name__ == "__main__":
                     elapsed = time.time() - t_seed
                     eta = elapsed / step * (total_steps - step + (len(seeds) - 1 - seed_index) * total_steps)
                     print(f"seed {seed} | epoch {epoch}/{epochs} | step {step}/{total_steps} | loss {loss:.4f} | "
-                          f"lr {optimizer.param_groups[0]['lr']:.2e} | {seen / elapsed:.0f} img/s | "
+                          f"lr {step_lr:.2e} | {seen / elapsed:.0f} img/s | "
                           f"ETA {format_duration(eta)}")
             val, _, _ = evaluate(model, eval_loaders["val"], multi_label, dev, autocast_dtype)
             improved = val["f1"] > best["val"]["f1"]

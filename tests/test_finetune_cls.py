@@ -9,7 +9,8 @@ import torch
 
 import model as vit_model
 from conftest import run_stage
-from finetune_cls import Classifier, class_weights, make_optimizer, set_train_mode, setup_mode, train_step
+import schedules
+from finetune_cls import Classifier, class_weights, make_optimizer, set_lr, set_train_mode, setup_mode, train_step
 from lora import LoRALinear, merge_lora
 from metrics import classification_metrics
 
@@ -23,6 +24,44 @@ def test_class_weights_are_balanced_inverse_frequencies():
     np.testing.assert_allclose(w.numpy(), [4 / (3 * 3), 4 / (3 * 1), 1.0], rtol=1e-6)
     pos_w = class_weights(np.array([[1, 0], [0, 0], [0, 1], [0, 1]]), 2, multi_label=True)
     np.testing.assert_allclose(pos_w.numpy(), [3.0, 1.0])
+
+
+def lr_by_name(model, optimizer):
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    return {name: lr_of[id(p)] for name, p in model.named_parameters() if id(p) in lr_of}
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_layerwise_decay_gives_each_block_the_lr_of_the_formula(mode):
+    model = tiny_classifier()  # depth 2: embeddings 0.5^3, block 0 0.5^2, block 1 0.5, final norm and head 1
+    setup_mode(model, mode, lora_rank=2, lora_alpha=4)
+    optimizer = make_optimizer(model, 1e-2, 0.01, layerwise_decay=0.5)
+    set_lr(optimizer, 4e-3)
+    lrs = lr_by_name(model, optimizer)
+    assert set(lrs) == {name for name, p in model.named_parameters() if p.requires_grad}
+    expected = {"head.weight": 1.0, "head.bias": 1.0}
+    if mode == "full":
+        expected.update({"backbone.cls_token": 0.5 ** 3, "backbone.pos_embed": 0.5 ** 3,
+                         "backbone.patch_embed.proj.weight": 0.5 ** 3, "backbone.blocks.0.attn.qkv.weight": 0.5 ** 2,
+                         "backbone.blocks.0.norm1.bias": 0.5 ** 2, "backbone.blocks.1.mlp.fc2.weight": 0.5,
+                         "backbone.norm.weight": 1.0, "backbone.norm.bias": 1.0})
+    else:  # the adapters inside block i decay as block i does
+        expected.update({"backbone.blocks.0.attn.qkv.lora_a": 0.5 ** 2, "backbone.blocks.0.mlp.fc1.lora_b": 0.5 ** 2,
+                         "backbone.blocks.1.attn.proj.lora_a": 0.5})
+    for name, multiplier in expected.items():
+        assert lrs[name] == pytest.approx(4e-3 * multiplier), name
+    no_decay = {name for group in optimizer.param_groups if group["weight_decay"] == 0 for name in group["names"]}
+    assert no_decay == {name for name, p in model.named_parameters() if p.requires_grad and p.ndim < 2}
+    assert all(group["weight_decay"] == 0.01 for group in optimizer.param_groups if group["names"][0] not in no_decay)
+
+
+def test_finetuning_groups_parameters_with_pretrainings_code(monkeypatch):
+    monkeypatch.setattr(schedules, "backbone_layer_id", lambda name, depth: 0)  # every layer as the embeddings
+    model = tiny_classifier()
+    optimizer = make_optimizer(model, 1e-2, 0.0, layerwise_decay=0.5)
+    set_lr(optimizer, 1.0)
+    lrs = lr_by_name(model, optimizer)
+    assert lrs["backbone.norm.weight"] == lrs["backbone.blocks.1.attn.qkv.weight"] == 0.5 ** 3 and lrs["head.bias"] == 1
 
 
 # ---------------------------------------------------------------------------- LoRA and head-only
@@ -51,8 +90,8 @@ def test_lora_model_output_equals_base_model_exactly_at_init():
 
 def test_lora_trains_only_adapters_and_head():
     model = tiny_classifier()
-    params = setup_mode(model, "lora", lora_rank=4, lora_alpha=8)
-    optimizer = make_optimizer(params, 1e-2, 0.01)
+    setup_mode(model, "lora", lora_rank=4, lora_alpha=8)
+    optimizer = make_optimizer(model, 1e-2, 0.01)
     x, y = batch()
     for _ in range(2):  # B starts at zero, so A gets its first gradient on the second step
         train_step(model, optimizer, x, y, multi_label=False)
@@ -67,8 +106,8 @@ def test_lora_trains_only_adapters_and_head():
 
 def test_merged_lora_backbone_gives_the_unmerged_outputs():
     model = tiny_classifier()
-    params = setup_mode(model, "lora", lora_rank=4, lora_alpha=8)
-    optimizer = make_optimizer(params, 1e-2, 0.0)
+    setup_mode(model, "lora", lora_rank=4, lora_alpha=8)
+    optimizer = make_optimizer(model, 1e-2, 0.0)
     x, y = batch()
     for _ in range(5):
         train_step(model, optimizer, x, y, multi_label=False)
@@ -98,8 +137,8 @@ def test_head_only_training_leaves_backbone_bit_identical():
     model = tiny_classifier(head="mlp", head_features="cls+mean")
     frozen = copy.deepcopy(model.backbone.state_dict())
     head_before = copy.deepcopy(model.head.state_dict())
-    params = setup_mode(model, "head")
-    optimizer = make_optimizer(params, 1e-2, 0.05)  # weight decay must not touch the frozen weights
+    setup_mode(model, "head")
+    optimizer = make_optimizer(model, 1e-2, 0.05)  # weight decay must not touch the frozen weights
     set_train_mode(model, "head")
     assert not model.backbone.training
     x, y = batch()
@@ -149,7 +188,8 @@ def test_short_phantom_training_beats_chance():
     torch.manual_seed(0)
     cfg = vit_model.vit_config("tiny", patch_size=8, img_size=32, depth=1, layerscale_init=None)
     model = Classifier(vit_model.ViT(cfg), 4, head_features="cls+mean")
-    optimizer = make_optimizer(setup_mode(model, "full"), 1e-3, 0.01)
+    setup_mode(model, "full")
+    optimizer = make_optimizer(model, 1e-3, 0.01)
     g = torch.Generator().manual_seed(0)
     for _ in range(250):
         idx = torch.randint(0, len(x), (64,), generator=g)
