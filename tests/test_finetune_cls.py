@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import model as vit_model
-from conftest import run_stage
+from conftest import ListDataset, run_stage
 import schedules
 from finetune_cls import (Classifier, class_weights, collate, evaluate, init_head_from_probe, make_optimizer,
                           select_epoch, set_lr, set_train_mode, setup_mode, train_step)
@@ -156,26 +156,15 @@ def test_head_only_training_leaves_backbone_bit_identical():
 # ---------------------------------------------------------------------------- head features, LP-FT, selection
 
 
-class ImageSet(torch.utils.data.Dataset):
-    def __init__(self, images, labels):
-        self.images, self.labels = images, labels
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return {"image": self.images[i], "label": self.labels[i]}
-
-
 def loader(images, labels, batch_size=5):
-    return torch.utils.data.DataLoader(ImageSet(images, labels), batch_size=batch_size, collate_fn=collate)
+    return torch.utils.data.DataLoader(ListDataset(images, labels), batch_size=batch_size, collate_fn=collate)
 
 
 @pytest.mark.parametrize("kind", FEATURE_KINDS)
 def test_head_sees_the_features_the_linear_probe_reads(kind):
     model = tiny_classifier(head_features=kind).eval()
     x, y = batch(n=7)
-    probe_features, _ = extract_features(model.backbone, ImageSet(x, y), batch_size=3, kind=kind)
+    probe_features, _ = extract_features(model.backbone, ListDataset(x, y), batch_size=3, kind=kind)
     with torch.no_grad():
         torch.testing.assert_close(model.features(x), probe_features, atol=1e-5, rtol=1e-5)
     assert model.head.in_features == probe_features.shape[1]

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_vit
+from conftest import ListDataset, tiny_vit
 from linear_probe import train_linear_probe
 from model import block_attention, cls_attention_maps, last_block_input
 from probe import (cached_features, cross_validate_probe, extract_features, grouped_folds, metadata_targets,
@@ -179,17 +179,6 @@ def test_patch_similarity_of_an_image_with_itself_peaks_at_the_query_patch():
     for q, (r, c) in enumerate([(0, 0), (1, 2), (3, 3)]):
         assert sims[q, r, c] == pytest.approx(1.0, abs=1e-5)
         assert int(sims[q].argmax()) == r * 4 + c
-
-
-class ListDataset(torch.utils.data.Dataset):
-    def __init__(self, images, labels):
-        self.images, self.labels = images, labels
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return {"image": self.images[i], "label": int(self.labels[i])}
 
 
 def test_extract_features_matches_forward_features_in_batches():
