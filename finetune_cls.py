@@ -9,10 +9,13 @@ frozen backbone, or LoRA; MedMNIST 2D sets, CSV-indexed image sets or the proced
     python finetune_cls.py config/cls_omnirad.py --init_from=dinov2_vits14.pth \
         --dataset=medmnist --data_path=chestmnist_224.npz                        # multi-label: BCE
     python finetune_cls.py --data_path=../shared/data/covid_cxr_xray256/images.csv
+    python finetune_cls.py ... --init_from=<pretrained> --head_init=probe --layerwise_decay=0.75 --select_on=auc
 
-Model selection: the epoch with the best validation macro-F1; its weights are then evaluated once on
-the official test split. The metrics (metrics.py) are hand-written (numpy) and follow the
-scikit-learn definitions that the papers' numbers were computed with.
+Model selection: the epoch with the best validation `select_on` (default macro-F1); its weights are then
+evaluated once on the official test split. head_init=probe is LP-FT (Kumar et al. 2022): the head starts
+as probe.py's linear probe (linear_probe.py) of the frozen features; layerwise_decay lowers the lr of
+earlier blocks (BEiT; pretrain.py's grouping). The metrics (metrics.py) are hand-written (numpy) and
+follow the scikit-learn definitions that the papers' numbers were computed with.
 """
 import dataclasses
 import json
@@ -31,10 +34,11 @@ import data
 import model as vit_model
 from config import configure
 from figures import save_classification_figure
+from linear_probe import FEATURE_KINDS, L2_GRID, pooled_features, train_linear_probe
 from lora import VIT_TARGETS, add_lora, merge_lora
 from metrics import as_numpy, classification_metrics, mean_std
 from progress import format_duration
-from schedules import lr_at
+from schedules import lr_at, param_groups
 
 # ----------------------------------------------------------------------------------------------
 # Config. The defaults are a quick run on the procedural phantoms: random init, a 2-block ViT-tiny/8 at 32 px,
@@ -61,7 +65,8 @@ layerscale_init = None           # random init only: LayerScale start (DINOv2: 1
 drop_path_rate = 0.0             # stochastic depth of the backbone
 mode = "full"                    # "full", "head" (frozen backbone) or "lora"
 head = "linear"                  # "linear" or "mlp"
-head_features = "cls+mean"       # "cls" (OmniRad, config/cls_*.py) or "cls+mean" (learns faster in a 2-block ViT)
+head_features = "cls+mean"       # probe.py's feature_kind: "cls" (OmniRad, config/cls_*.py), "mean" or "cls+mean"
+head_init = "random"             # "probe": LP-FT, the head starts as probe.py's linear probe of the frozen features
 lora_rank = 8                    # OmniRad Table 8: r=8, alpha=16 and r=16, alpha=32
 lora_alpha = 16.0                # LoRA update scale is lora_alpha / lora_rank
 # optimisation (OmniRad §3.2: AdamW, wd 0.01, linear warm-up then cosine, grad clip 1.0, CE)
@@ -71,8 +76,10 @@ lr = 1e-3                        # OmniRad fine-tunes pretrained weights at 1e-5
 min_lr = 0.0                     # end of the cosine
 weight_decay = 0.01              # AdamW, on weight matrices only
 warmup_epochs = 1.0              # linear warm-up length, may be fractional
+layerwise_decay = 1.0            # block i's lr x decay^(depth - i), embeddings x decay^(depth + 1) (BEiT); 1.0 = off
 grad_clip = 1.0                  # max gradient norm (0 = no clipping)
 class_weighted = False           # inverse-frequency CE weights (BCE pos_weight for multi-label)
+select_on = "f1"                 # the val metric that picks the epoch: "auc", "f1" (macro), "acc" or "loss" (lowest)
 seeds = (0,)                     # --seeds=0,1,2 runs repeats and prints mean ± std
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"  # "cpu", "cuda" or "cuda:N"
@@ -90,13 +97,15 @@ out_dir = "out/finetune_cls"    # results.json, and the exported model per seed
 
 MODES = ("full", "head", "lora")
 HEADS = ("linear", "mlp")
-HEAD_FEATURES = ("cls", "cls+mean")
+SELECT_ON = ("auc", "f1", "acc", "loss")
+HEAD_FEATURES = FEATURE_KINDS    # what the head reads: the same features as the linear probe's
+HEAD_INITS = ("random", "probe")
 
 
 class Classifier(nn.Module):
-    """A ViT and a head on its normalised CLS token ("cls"), or on CLS concatenated with the mean
-    patch token ("cls+mean", DINOv2's linear-evaluation feature). The head is "linear", or "mlp": a
-    2-layer GELU MLP."""
+    """A ViT and a head on the features a linear probe reads (linear_probe.pooled_features): the last
+    block's normed CLS token ("cls"), mean patch token ("mean") or both ("cls+mean", DINOv2's linear
+    evaluation). The head is "linear", or "mlp": a 2-layer GELU MLP."""
 
     def __init__(self, backbone, n_outputs, head="linear", head_features="cls", mlp_hidden_dim=512):
         super().__init__()
@@ -111,9 +120,7 @@ class Classifier(nn.Module):
 
     def features(self, x):
         out = self.backbone.forward_features(x)
-        if self.head_features == "cls+mean":
-            return torch.cat([out["x_norm_clstoken"], out["x_norm_patchtokens"].mean(dim=1)], dim=-1)
-        return out["x_norm_clstoken"]
+        return pooled_features(out["x_norm_clstoken"], out["x_norm_patchtokens"], self.head_features)
 
     def forward(self, x):
         return self.head(self.features(x))
@@ -144,12 +151,21 @@ def set_train_mode(model, mode):
 # ----------------------------------------------------------------------------------------------
 
 
-def make_optimizer(params, lr, weight_decay):
-    """AdamW; as usual for ViTs, no weight decay on biases, norms, tokens and LayerScale (1-D)."""
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+def make_optimizer(model, lr, weight_decay, layerwise_decay=1.0):
+    """AdamW over the trainable parameters, grouped as pretraining groups them (schedules.param_groups):
+    block i's lr x layerwise_decay^(depth - i), the embeddings x layerwise_decay^(depth + 1), the final
+    norm and the head x1; as usual for ViTs, no weight decay on biases, norms and LayerScale. Each
+    step's lr is lr_at(...) x the group's "lr_multiplier"."""
+    groups = param_groups({"backbone": model.backbone, "head": model.head}, layerwise_decay)
+    for group in groups:
+        group["weight_decay"] = weight_decay * group["wd_multiplier"]
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def set_lr(optimizer, step_lr):
+    """This step's lr (the head's): each group gets step_lr x its layer-wise "lr_multiplier"."""
+    for group in optimizer.param_groups:
+        group["lr"] = step_lr * group["lr_multiplier"]
 
 
 def class_weights(labels, n_classes, multi_label):
@@ -187,19 +203,50 @@ def train_step(model, optimizer, images, labels, multi_label, weights=None, grad
 
 
 @torch.no_grad()
-def evaluate(model, loader, multi_label, device, autocast_dtype=None):
-    """(classification_metrics, labels, probabilities) over a loader: softmax, or sigmoid per label."""
+def head_inputs(model, loader, device, autocast_dtype=None):
+    """(features on `device`, labels) of every image of `loader`: what model.head sees, in eval mode."""
     was_training = model.training
     model.eval()
-    all_labels, all_probs = [], []
+    all_features, all_labels = [], []
     for images, labels in loader:
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(images.to(device)).float()
-        all_probs.append((logits.sigmoid() if multi_label else logits.softmax(-1)).cpu())
+            all_features.append(model.features(images.to(device)))
         all_labels.append(labels)
     model.train(was_training)
-    labels, probs = torch.cat(all_labels).numpy(), torch.cat(all_probs).numpy()
-    return classification_metrics(labels, probs, multi_label), labels, probs
+    return torch.cat(all_features), torch.cat(all_labels)
+
+
+@torch.no_grad()
+def evaluate(model, loader, multi_label, device, autocast_dtype=None, weights=None):
+    """(metrics, labels, probabilities) over a loader: softmax, or sigmoid per label. The metrics are
+    classification_metrics and "loss", the training loss (class-weighted with `weights`)."""
+    features, labels = head_inputs(model, loader, device, autocast_dtype)
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        logits = model.head(features).float()
+    probs = (logits.sigmoid() if multi_label else logits.softmax(-1)).cpu().numpy()
+    metrics = classification_metrics(labels.numpy(), probs, multi_label)
+    metrics["loss"] = classification_loss(logits, labels.to(device), multi_label, weights).item()
+    return metrics, labels.numpy(), probs
+
+
+def select_epoch(history, select_on):
+    """The epoch (1-based) whose val metrics in `history` are best by `select_on`: the lowest loss, or the
+    highest acc / F1 / AUC; the earliest on ties, and NaN (e.g. AUC on a one-class val split) never wins."""
+    signed = [-val[select_on] if select_on == "loss" else val[select_on] for val in history]
+    signed = [-math.inf if math.isnan(value) else value for value in signed]
+    return 1 + signed.index(max(signed))
+
+
+def init_head_from_probe(model, loaders, multi_label, n_classes, device, autocast_dtype=None):
+    """LP-FT (Kumar et al. 2022): fit linear_probe's L2 logistic regression to the frozen features of
+    loaders["train"] (unaugmented), its strength chosen on loaders["val"] as probe.py chooses it, and
+    copy it into the linear head. Returns the probe."""
+    (train_x, train_y), (val_x, val_y) = (head_inputs(model, loaders[split], device, autocast_dtype)
+                                          for split in ("train", "val"))
+    probe = train_linear_probe(train_x.float().cpu(), train_y, val_x.float().cpu(), val_y, multi_label, L2_GRID,
+                               n_classes)
+    model.head.load_state_dict(probe.as_linear().state_dict())
+    return probe
 
 
 def format_row(runs):
@@ -212,7 +259,6 @@ def format_row(runs):
 # ----------------------------------------------------------------------------------------------
 # Data: every source gives {"train", "val", "test"} datasets of {"image": normalised (3,S,S), "label"}
 # ----------------------------------------------------------------------------------------------
-
 
 
 def load_splits(dataset, data_path, transforms, csv_label, phantom_sizes, phantom_px, intensity="full_range"):
@@ -264,12 +310,17 @@ if __name__ == "__main__":
 
     # ---- checks: a bad setting stops here, naming its key, before any data is read or training starts
     for key, choices in (("mode", MODES), ("head", HEADS), ("head_features", HEAD_FEATURES),
-                         ("dtype", ("bfloat16", "float32")), ("intensity", data.INTENSITIES)):
+                         ("head_init", HEAD_INITS), ("select_on", SELECT_ON), ("dtype", ("bfloat16", "float32")),
+                         ("intensity", data.INTENSITIES)):
         if config[key] not in choices:
             raise ValueError(f"--{key}={config[key]!r}: expected one of {choices}")
+    if head_init == "probe" and head != "linear":
+        raise ValueError(f"--head_init='probe' fits a linear head: expected --head='linear', found {head!r}")
     dataset = data.data_kind(dataset, data_path)
     if mode == "lora" and (lora_rank < 1 or lora_alpha <= 0):
         raise ValueError(f"LoRA needs --lora_rank >= 1 and --lora_alpha > 0, got {lora_rank} and {lora_alpha}")
+    if not 0 < layerwise_decay <= 1:
+        raise ValueError(f"--layerwise_decay={layerwise_decay!r}: expected a number in (0, 1] (1 = off)")
     if epochs < 1 or batch_size < 1 or not 0 <= warmup_epochs <= epochs:
         raise ValueError(f"need epochs >= 1, batch_size >= 1, 0 <= warmup_epochs <= epochs; got "
                          f"{epochs}, {batch_size}, {warmup_epochs}")
@@ -306,6 +357,10 @@ if __name__ == "__main__":
     loader_kwargs = dict(num_workers=num_workers, collate_fn=collate, persistent_workers=num_workers > 0)
     eval_loaders = {split: torch.utils.data.DataLoader(splits[split], batch_size=2 * batch_size, **loader_kwargs)
                     for split in ("val", "test")}
+    if head_init == "probe":  # the probe reads the training images unaugmented, as the head sees val and test ones
+        unaugmented_train = load_splits(dataset, data_path, dict.fromkeys(data.SPLITS, eval_tf), csv_label,
+                                        phantom_sizes, phantom_px, intensity)[0]["train"]
+        eval_loaders["train"] = torch.utils.data.DataLoader(unaugmented_train, 2 * batch_size, **loader_kwargs)
     steps_per_epoch = math.ceil(len(splits["train"]) / batch_size)
     total_steps, warmup_steps = epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
     os.makedirs(out_dir, exist_ok=True)
@@ -325,21 +380,25 @@ if __name__ == "__main__":
         model = Classifier(backbone, n_classes, head, head_features)
         params = setup_mode(model, mode, lora_rank, lora_alpha)
         model.to(dev)
-        optimizer = make_optimizer(params, lr, weight_decay)
+        probe_l2 = (init_head_from_probe(model, eval_loaders, multi_label, n_classes, dev, autocast_dtype).l2
+                    if head_init == "probe" else None)
+        if probe_l2 is not None:
+            print(f"seed {seed}: head = a linear probe of the frozen features (LP-FT), l2 {probe_l2:g}")
+        optimizer = make_optimizer(model, lr, weight_decay, layerwise_decay)
         lora_note = f" (LoRA r={lora_rank}, alpha={lora_alpha})" if mode == "lora" else ""
         print(f"seed {seed}: mode {mode}{lora_note}, {sum(p.numel() for p in params):,} trainable of "
               f"{sum(p.numel() for p in model.parameters()):,} parameters")
 
-        # ---- training; the epoch with the best val macro-F1 is kept
+        # ---- training; the weights of the epoch with the best val `select_on` are kept
         train_loader = torch.utils.data.DataLoader(splits["train"], batch_size=batch_size, shuffle=True,
                                                    generator=torch.Generator().manual_seed(seed), **loader_kwargs)
-        best = {"val": {"f1": -1.0}}
+        val_history, best_state = [], None
         step, seen, t_seed = 0, 0, time.time()
         for epoch in range(1, epochs + 1):
             set_train_mode(model, mode)
             for images, labels in train_loader:
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, total_steps, warmup_steps, lr, min_lr)
+                step_lr = lr_at(step, total_steps, warmup_steps, lr, min_lr)
+                set_lr(optimizer, step_lr)
                 loss = train_step(model, optimizer, images.to(dev, non_blocking=True), labels.to(dev), multi_label,
                                   weights, grad_clip, autocast_dtype)
                 step, seen = step + 1, seen + len(images)
@@ -347,25 +406,25 @@ if __name__ == "__main__":
                     elapsed = time.time() - t_seed
                     eta = elapsed / step * (total_steps - step + (len(seeds) - 1 - seed_index) * total_steps)
                     print(f"seed {seed} | epoch {epoch}/{epochs} | step {step}/{total_steps} | loss {loss:.4f} | "
-                          f"lr {optimizer.param_groups[0]['lr']:.2e} | {seen / elapsed:.0f} img/s | "
-                          f"ETA {format_duration(eta)}")
-            val, _, _ = evaluate(model, eval_loaders["val"], multi_label, dev, autocast_dtype)
-            improved = val["f1"] > best["val"]["f1"]
+                          f"lr {step_lr:.2e} | {seen / elapsed:.0f} img/s | ETA {format_duration(eta)}")
+            val, _, _ = evaluate(model, eval_loaders["val"], multi_label, dev, autocast_dtype, weights)
+            val_history.append(val)
+            improved = select_epoch(val_history, select_on) == epoch
             print(f"seed {seed} | epoch {epoch}/{epochs} | val acc {100 * val['acc']:.2f} f1 {100 * val['f1']:.2f} "
-                  f"auc {100 * val['auc']:.2f}" + (" (best)" if improved else ""))
+                  f"auc {100 * val['auc']:.2f} loss {val['loss']:.4f}" + (" (best)" if improved else ""))
             if improved:
-                best = {"val": val, "epoch": epoch,
-                        "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
         # ---- test: the official test split, once, with the weights of the selected epoch
-        model.load_state_dict(best["state"])
-        test, test_labels, test_probs = evaluate(model, eval_loaders["test"], multi_label, dev, autocast_dtype)
+        selected = select_epoch(val_history, select_on)
+        model.load_state_dict(best_state)
+        test, test_labels, test_probs = evaluate(model, eval_loaders["test"], multi_label, dev, autocast_dtype, weights)
         save_classification_figure(test_labels, test_probs, class_names, multi_label,
                                    Path(out_dir) / f"seed{seed}" / "test.png", f"test, seed {seed}")
-        print(f"seed {seed} | test (epoch {best['epoch']} by val F1) | acc {100 * test['acc']:.2f} "
+        print(f"seed {seed} | test (epoch {selected} by val {select_on}) | acc {100 * test['acc']:.2f} "
               f"f1 {100 * test['f1']:.2f} auc {100 * test['auc']:.2f} | {format_duration(time.time() - t_seed)}")
-        run = {"seed": seed, "selected_epoch": best["epoch"], "val": best["val"], "test": test,
-               "train_seconds": time.time() - t_seed}
+        run = {"seed": seed, "selected_epoch": selected, "val": val_history[selected - 1], "test": test,
+               "val_history": val_history, "probe_l2": probe_l2, "train_seconds": time.time() - t_seed}
         runs.append(run)
         if export:
             seed_dir = Path(out_dir) / f"seed{seed}"

@@ -11,7 +11,6 @@ AUPRC; pictures: PCA / t-SNE maps, the last layer's CLS attention per head, patc
 
 Features are cached in out_dir/features/, keyed by backbone (a checkpoint's size and mtime), data, split, kind.
 """
-import contextlib
 import hashlib
 import math
 import os
@@ -20,13 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import data
 from config import configure
 from figures import save_attention_figure, save_scatter, save_similarity_figure
+from linear_probe import (FEATURE_KINDS, L2_GRID, fit_logistic_regression, pooled_features, single_thread,
+                          train_linear_probe)
 from metrics import accuracy, bootstrap_interval, knn_predict, mean_std, probe_metrics
 from model import ViT, check_img_size, cls_attention_maps, load_backbone, save_json_atomic, save_safetensors_atomic, vit_config
 
@@ -53,7 +53,6 @@ layerscale_init = 0.1         # random init only: pretrain.py's default, so the 
 feature_kind = "cls+mean"     # "cls" | "mean" | "cls+mean" (DINOv2 linear eval)
 layers = ()                   # block indices to concatenate; () = the last block
 # optimisation: the probes
-L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # also the functions' default
 l2_grid = L2_GRID             # linear-probe L2 strengths (on standardised features); the lowest val NLL wins
 knn_k = 20                    # DINO eval_knn defaults
 knn_temperature = 0.07
@@ -67,7 +66,6 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 out_dir = "out/probe"
 # -----------------------------------------------------------------------------
 
-FEATURE_KINDS = ("cls", "mean", "cls+mean")
 HEADLINE_METRICS = ("accuracy", "auroc", "auprc_macro")
 
 # features, cached on disk
@@ -88,8 +86,7 @@ def extract_features(model, dataset, batch_size=64, kind="cls", layers=None, dev
         labels.extend(None if lab is None else torch.as_tensor(lab) for _, lab in batch)
         per_layer = []
         for patch, cls in model.get_intermediate_layers(images, layers, return_class_token=True, norm=True):
-            per_layer += [cls] if kind != "mean" else []
-            per_layer += [patch.mean(dim=1)] if kind != "cls" else []
+            per_layer.append(pooled_features(cls, patch, kind))
         feats.append(torch.cat(per_layer, dim=1).float().cpu())
         if step % 10 == 0 or len(labels) == len(dataset):
             speed = len(labels) / (time.time() - t0)
@@ -119,69 +116,6 @@ def cached_features(cache_dir, key, model, dataset, **extract_kwargs):
     tensors = {"features": feats} if labels is None else {"features": feats, "labels": labels}
     save_safetensors_atomic(tensors, path, {"key": key})
     return feats, labels
-
-# linear probe: L2 logistic regression on standardised features, full-batch L-BFGS
-@contextlib.contextmanager
-def single_thread():
-    """One thread for many tiny CPU ops (L-BFGS, t-SNE): at that size thread hand-offs cost more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-class LinearProbe(nn.Module):
-    """Standardise by x's statistics, then one linear layer: softmax over classes, or a sigmoid per label."""
-
-    def __init__(self, x, n_out, multilabel):
-        super().__init__()
-        self.mean, std = x.mean(dim=0), x.std(dim=0)
-        self.std = torch.where(std > 1e-6 * std.max().clamp_min(1e-12), std, torch.ones_like(std))  # constant features
-        self.multilabel, self.linear = multilabel, nn.Linear(x.shape[1], n_out)
-        nn.init.zeros_(self.linear.weight)  # zero start: the L-BFGS result is deterministic
-        nn.init.zeros_(self.linear.bias)
-        self.l2, self.val_loss_by_l2 = None, {}
-
-    def forward(self, x):
-        return self.linear((x.float() - self.mean) / self.std)
-
-    def nll(self, x, y):  # mean negative log-likelihood of class indices, or of multi-hot labels
-        if self.multilabel:
-            return F.binary_cross_entropy_with_logits(self(x), y.float())
-        return F.cross_entropy(self(x), y.long())
-
-    @torch.no_grad()
-    def predict_proba(self, x):
-        return torch.sigmoid(self(x)) if self.multilabel else self(x).softmax(dim=1)
-
-def fit_logistic_regression(x, y, l2, multilabel=False, n_classes=None, max_iter=500):
-    """Minimise mean NLL + l2/2 * ||W||^2 (bias not penalised) with full-batch L-BFGS."""
-    x = x.float()
-    probe = LinearProbe(x, y.shape[1] if multilabel else (n_classes or int(y.max()) + 1), multilabel)
-    opt = torch.optim.LBFGS(probe.linear.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
-                            tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe")
-    def closure():
-        opt.zero_grad()
-        loss = probe.nll(x, y) + 0.5 * l2 * probe.linear.weight.pow(2).sum()
-        loss.backward()
-        return loss
-    with single_thread(), torch.enable_grad():
-        opt.step(closure)
-    probe.l2 = l2
-    return probe
-
-def train_linear_probe(train_x, train_y, val_x, val_y, multilabel=False, l2_grid=L2_GRID, n_classes=None, max_iter=500):
-    """One probe per L2 strength on train; the lowest val NLL wins (accuracy ties on small val splits)."""
-    best, losses = None, {}
-    for l2 in l2_grid:
-        probe = fit_logistic_regression(train_x, train_y, l2, multilabel, n_classes, max_iter)
-        with torch.no_grad():
-            losses[l2] = float(probe.nll(val_x, val_y))
-        if best is None or losses[l2] < losses[best.l2]:
-            best = probe
-    best.val_loss_by_l2 = losses
-    return best
 
 # metadata probe (RAD-DINO §4.4, Table 7): cross-validation grouped by patient
 def grouped_folds(groups, n_folds=5, seed=0):

@@ -52,14 +52,16 @@ def backbone_layer_id(name, depth):
     return depth + 1
 
 
-def param_groups(student, layerwise_decay, patch_embed_lr_mult):
+def param_groups(parts, layerwise_decay, patch_embed_lr_mult=1.0):
     """AdamW groups keyed by (schedule, lr multiplier, wd multiplier), as DINOv2's
-    get_params_groups_with_decay + fuse_params_groups. Schedules: "backbone_lr" for the backbone,
-    "last_layer_lr" for the heads' prototype layers (frozen at first), "lr" for the other head layers.
-    Biases, norms and LayerScale gammas get no weight decay."""
-    depth = len(student["backbone"].blocks)
+    get_params_groups_with_decay + fuse_params_groups. `parts` names modules: the one named "backbone"
+    (a ViT) gets layer-wise lr decay, block i x layerwise_decay^(depth - i), the embeddings the most
+    decayed (backbone_layer_id); every other part is a head, x1. Schedules: "backbone_lr" for the
+    backbone, "last_layer_lr" for the heads' prototype layers (frozen at first), "lr" for the other
+    head layers. Biases, norms and LayerScale gammas get no weight decay. Frozen parameters are left out."""
+    depth = len(parts["backbone"].blocks)
     groups = {}
-    for part, module in student.items():
+    for part, module in parts.items():
         for name, p in module.named_parameters():
             if not p.requires_grad:  # the heads' weight_g stays at 1, as in DINOv2
                 continue
@@ -71,11 +73,11 @@ def param_groups(student, layerwise_decay, patch_embed_lr_mult):
                 schedule = "backbone_lr"
             else:
                 schedule = "last_layer_lr" if "last_layer" in name else "lr"
-            wd_mult = 0.0 if (name.endswith(".bias") or "norm" in name or "gamma" in name) else 1.0
+            full_name = f"{part}.{name}"  # a head that is one nn.Linear names its bias "bias"
+            wd_mult = 0.0 if (full_name.endswith(".bias") or "norm" in name or "gamma" in name) else 1.0
             key = (schedule, lr_mult, wd_mult)
             group = groups.setdefault(key, {"params": [], "names": [], "schedule": schedule,
                                             "lr_multiplier": lr_mult, "wd_multiplier": wd_mult})
             group["params"].append(p)
-            group["names"].append(f"{part}.{name}")
+            group["names"].append(full_name)
     return list(groups.values())
-

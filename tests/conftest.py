@@ -64,6 +64,19 @@ def tiny_vit(seed=0, **config):
     return ViT(ViTConfig(**{"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 3, "num_heads": 4, **config}))
 
 
+class ListDataset(torch.utils.data.Dataset):
+    """Images and class indices in memory, as the stages' datasets give them: {"image", "label"} items."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return {"image": self.images[i], "label": int(self.labels[i])}
+
+
 def cpu_env(**extra):
     """The environment of a script run in a test: on the CPU, also on a GPU machine."""
     return {**os.environ, "CUDA_VISIBLE_DEVICES": "", **extra}

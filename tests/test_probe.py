@@ -1,5 +1,5 @@
-"""probe.py: linear probe, grouped CV, PCA / t-SNE, recomputed attention, feature extraction (its metrics
-and k-NN: tests/test_metrics.py)."""
+"""probe.py and its linear probe (linear_probe.py): logistic regression, grouped CV, PCA / t-SNE, recomputed
+attention, feature extraction (its metrics and k-NN: tests/test_metrics.py)."""
 import math
 
 import numpy as np
@@ -7,10 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_vit
+from conftest import ListDataset, tiny_vit
+from linear_probe import train_linear_probe
 from model import block_attention, cls_attention_maps, last_block_input
 from probe import (cached_features, cross_validate_probe, extract_features, grouped_folds, metadata_targets,
-                   patch_similarity, pca, train_linear_probe, tsne, tsne_affinities)
+                   patch_similarity, pca, tsne, tsne_affinities)
 
 
 def separable_set(n, dim, margin, seed):
@@ -55,6 +56,14 @@ def test_linear_probe_is_invariant_to_feature_scale():
     a = train_linear_probe(x[:400], y[:400], x[400:600], y[400:600], l2_grid=(1e-2,))
     b = train_linear_probe(scaled[:400], y[:400], scaled[400:600], y[400:600], l2_grid=(1e-2,))
     assert torch.allclose(a.predict_proba(x[600:]), b.predict_proba(scaled[600:]), atol=1e-3)
+
+
+def test_probe_as_one_linear_layer_gives_the_probes_logits_on_raw_features():
+    x, y, _ = separable_set(600, 6, margin=0.1, seed=4)
+    x = x * torch.tensor([100.0, 1e-2, 1.0, 3.0, 1.0, 1.0]) + 5  # far from standardised: the folding matters
+    probe = train_linear_probe(x[:300], y[:300], x[300:450], y[300:450], l2_grid=(1e-3,))
+    with torch.no_grad():
+        torch.testing.assert_close(probe.as_linear()(x[450:]), probe(x[450:]), atol=1e-4, rtol=1e-4)
 
 
 def test_multilabel_probe_learns_each_label_with_a_sigmoid():
@@ -170,17 +179,6 @@ def test_patch_similarity_of_an_image_with_itself_peaks_at_the_query_patch():
     for q, (r, c) in enumerate([(0, 0), (1, 2), (3, 3)]):
         assert sims[q, r, c] == pytest.approx(1.0, abs=1e-5)
         assert int(sims[q].argmax()) == r * 4 + c
-
-
-class ListDataset(torch.utils.data.Dataset):
-    def __init__(self, images, labels):
-        self.images, self.labels = images, labels
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return {"image": self.images[i], "label": int(self.labels[i])}
 
 
 def test_extract_features_matches_forward_features_in_batches():
