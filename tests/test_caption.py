@@ -304,18 +304,50 @@ def test_captioner_learns_to_say_what_its_visual_tokens_show(bridge, decoder):
     assert sum(b == e for b, e in zip(beams, expected)) >= 0.9 * len(expected)
 
 
-def test_default_run_captions_phantoms_well_above_the_constant_caption(tmp_path):
+@pytest.mark.parametrize("layout", [(), ("--bridge=mlp", "--decoder=causal_lm")], ids=["omnirad", "raddino"])
+def test_default_run_captions_phantoms_well_above_the_constant_caption(tmp_path, layout):
     """The captioning criterion, end to end: `python caption.py` with no arguments (random frozen ViT,
-    a few minutes on a CPU) must read the lesions, not just learn the caption prior. Its five-beam
-    BLEU-4 was 51.7-56.5 over seeds 0-4 against the constant caption's 24.2-28.4; the old recipe
-    (lr 1e-3, 12 epochs) ended at the constant caption for 3 of those 5 seeds."""
-    result = run_stage("caption.py", f"--out_dir={tmp_path}", timeout=900)
+    a few minutes on a CPU) must read the lesions, not just learn the caption prior; so must RAD-DINO's
+    layout (MLP projector + causal LM). OmniRad's five-beam BLEU-4 was 51.7-56.5 over seeds 0-4 against
+    the constant caption's 24.2-28.4; the old recipe (lr 1e-3, 12 epochs) ended at the constant caption
+    for 3 of those 5 seeds. RAD-DINO's: RESULTS.md, "Captioning"."""
+    result = run_stage("caption.py", f"--out_dir={tmp_path}", *layout, timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads((tmp_path / "results.json").read_text())
     five_beams = next(row for row in results["table"] if row["beams"] == 5 and row["max_tokens"] == 64)
     baseline = results["constant_baseline"]
     assert five_beams["BLEU-4"] > 1.5 * baseline["BLEU-4"], (five_beams, baseline)
     assert (tmp_path / "samples.png").stat().st_size > 0 and (tmp_path / "table.md").exists()
+
+
+def test_causal_lm_from_a_hf_folder_reads_its_config_and_tokenizer(tmp_path):
+    """--decoder_init=<folder> (config.json, model.safetensors, tokenizer.json), as a Vicuna folder: the LM's
+    special tokens are its config's (Llama order: <unk> 0, <s> 1, </s> 2, and no <pad>) and the folder's
+    tokenizer is used, so a run trains and writes captions in the LM's own vocabulary."""
+    from dataclasses import asdict
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from data import PhantomDataset
+    captions = [PhantomDataset(64, img_size=32, seed=0, split="train")[i]["caption"] for i in range(64)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(captions, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    folder = tmp_path / "lm"
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    torch.manual_seed(0)
+    config = llama_config("tiny", vocab_size=320, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    save_file(Llama(config).state_dict(), str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(asdict(config)))
+    result = run_stage("caption.py", f"--out_dir={tmp_path / 'out'}", "--bridge=mlp", "--decoder=causal_lm",
+                       f"--decoder_init={folder}", "--phantom_sizes=(64,8)", "--img_size=32", "--epochs=1",
+                       "--beams=(1,2)", "--max_tokens=(8,)")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"tokenizer: {folder / 'tokenizer.json'}" in result.stdout
+    saved = Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
+    assert saved.get_vocab() == tok.get_vocab()
+    meta = json.loads((tmp_path / "out" / "captioner.safetensors.json").read_text())
+    assert meta["decoder"] == "causal_lm" and meta["decoder_config"]["bos_token_id"] == 1
 
 
 def test_default_merger_queries_keep_one_distinct_patch_of_64_visible():
