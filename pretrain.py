@@ -37,7 +37,7 @@ import kernels
 from checkpoint import check_out_dir, load_checkpoint, load_init_backbone, save_checkpoint, start_run_files
 from data import (BatchedDinoAugmentation, MaskedCollate, MultiCropDataset, SourceImageDataset, StepBatchSampler,
                   auto_source_px, eval_tensors, item_seed, open_images)
-from distributed import rank, same_on_all_ranks, world_size
+from distributed import average_gradients, local_shards, rank, same_on_all_ranks, world_size
 from metrics import backbone_drift, format_drift, knn_predict
 from figures import save_attention_rows, save_training_curves
 from model import (DINOHead, ViT, backbone_features, cls_attention_maps, export_hf, head_shape, load_dino_head,
@@ -313,7 +313,7 @@ def collapse_monitors(teacher_cls, teacher_probs, student_probs):
 
 def train_step(student, teacher, optimizer, batch, values, centers, clip_grad=3.0, freeze_backbone=False,
                **loss_kwargs):
-    """Schedules -> losses -> backward -> gradient all-reduce -> per-module clipping -> AdamW -> EMA.
+    """Schedules -> losses -> backward (+ gradient reduction) -> per-module clipping -> AdamW -> EMA.
     Returns (losses as floats averaged over ranks, monitors). A non-finite loss skips the update
     (the caller stops the run)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -330,13 +330,7 @@ def train_step(student, teacher, optimizer, batch, values, centers, clip_grad=3.
     if not math.isfinite(reduced["total"]):
         return reduced, monitors
     losses["total"].backward()
-    if world > 1:  # data parallelism by one flat all-reduce, not DDP's hooks: the backbone runs twice per
-        # step (global and local crops) and has no gradients at all in the head warm-up
-        grads = [p.grad for p in student.parameters() if p.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        for g, mean in zip(grads, (flat / world).split([g.numel() for g in grads])):
-            g.copy_(mean.view_as(g))
+    average_gradients(student)  # ddp: awaits the bucket all-reduces launched in backward; fsdp: done in backward
     for part in student.values():
         params = [p for p in part.parameters() if p.grad is not None]
         if params and clip_grad:
@@ -344,8 +338,8 @@ def train_step(student, teacher, optimizer, batch, values, centers, clip_grad=3.
     optimizer.step()
     with torch.no_grad():  # frozen backbones are left alone: m * x + (1 - m) * x is not always x in floats
         parts = [k for k in student if not (freeze_backbone and k == "backbone")]
-        kernels.ema_([p for k in parts for p in teacher[k].parameters()],
-                     [p for k in parts for p in student[k].parameters()], values["momentum"])
+        kernels.ema_(local_shards(p for k in parts for p in teacher[k].parameters()),
+                     local_shards(p for k in parts for p in student[k].parameters()), values["momentum"])
     return reduced, monitors
 
 
