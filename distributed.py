@@ -48,9 +48,17 @@ def same_on_all_ranks(value):
     return float(t.item())
 
 
-def default_parallel(world, n_params):
-    """fsdp when several processes share a model whose replicated training state would crowd a GPU."""
-    return "fsdp" if world > 1 and n_params > FSDP_ABOVE_PARAMS else "ddp"
+def mean_over_ranks(t):
+    """The mean of a tensor over all ranks (itself on one process)."""
+    if not distributed():
+        return t
+    dist.all_reduce(t)
+    return t / world_size()
+
+
+def default_parallel(world, backbone):
+    """fsdp when several processes share a backbone whose replicated training state would crowd a GPU."""
+    return "fsdp" if world > 1 and sum(p.numel() for p in backbone.parameters()) > FSDP_ABOVE_PARAMS else "ddp"
 
 
 # ---- activation checkpointing and compilation, per transformer block --------------------------------------
@@ -190,3 +198,14 @@ def full_state_dict(module):
     """The module's state with every shard gathered (a collective: every rank calls it), on the CPU."""
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()
             for k, v in module.state_dict().items()}
+
+
+def unsharded_backbone(backbone):
+    """The backbone itself, or for an fsdp one a plain ViT holding its gathered weights (a collective)."""
+    if not is_sharded(backbone):
+        return backbone
+    from model import ViT
+    with torch.random.fork_rng():  # its random initialisation, replaced at once, leaves the run's RNG alone
+        plain = ViT(backbone.config)
+    plain.load_state_dict(full_state_dict(backbone))
+    return plain.to(next(backbone.parameters()).device).eval()
