@@ -34,10 +34,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from checkpoint import check_out_dir, load_checkpoint, load_init_backbone, save_checkpoint, start_run_files
+from checkpoint import (check_out_dir, checkpoint_paths, load_checkpoint, load_init_backbone, save_checkpoint,
+                        start_run_files)
 from data import (BatchedDinoAugmentation, MaskedCollate, MultiCropDataset, SourceImageDataset, StepBatchSampler,
                   auto_source_px, eval_tensors, item_seed, open_images)
-from distributed import rank, same_on_all_ranks, world_size
+from distributed import (ACTIVATION_CHECKPOINTING, PARALLEL_MODES, average_gradients, default_parallel, full_state_dict,
+                         local_shards, mean_over_ranks, parallelize, rank, same_on_all_ranks, unsharded_backbone,
+                         world_size)
 from metrics import backbone_drift, format_drift, knn_predict
 from figures import save_attention_rows, save_training_curves
 from model import (DINOHead, ViT, backbone_features, cls_attention_maps, export_hf, head_shape, load_dino_head,
@@ -136,7 +139,10 @@ rollback_drop = None      # stop when the k-NN accuracy falls this far below its
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype. On a CPU, bfloat16 pays only
                           # with native bf16 matmuls (`lscpu | grep -E "amx|avx512_bf16"`); float32 is exact
-compile = False           # torch.compile the backbones
+parallel = ""             # several processes: "ddp" (replicas; gradient all-reduce overlapped with backward) or
+                          # "fsdp" (sharded, DCP checkpoints in ckpt.dcp/); "" = fsdp above 250M params, else ddp
+activation_checkpointing = "none"  # "full" or "selective" (keeps matmul outputs): recompute activations, save memory
+compile = False           # torch.compile each transformer block
 # -----------------------------------------------------------------------------
 
 
@@ -313,30 +319,20 @@ def collapse_monitors(teacher_cls, teacher_probs, student_probs):
 
 def train_step(student, teacher, optimizer, batch, values, centers, clip_grad=3.0, freeze_backbone=False,
                **loss_kwargs):
-    """Schedules -> losses -> backward -> gradient all-reduce -> per-module clipping -> AdamW -> EMA.
+    """Schedules -> losses -> backward (+ gradient reduction) -> per-module clipping -> AdamW -> EMA.
     Returns (losses as floats averaged over ranks, monitors). A non-finite loss skips the update
     (the caller stops the run)."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
     for group in optimizer.param_groups:  # this step's schedule values, times the group's multipliers
         group["lr"] = values[group["schedule"]] * group["lr_multiplier"]
         group["weight_decay"] = values["wd"] * group["wd_multiplier"]
     optimizer.zero_grad(set_to_none=True)
     losses, monitors = ssl_losses(student, teacher, batch, values["teacher_temp"], centers,
                                   freeze_backbone=freeze_backbone, **loss_kwargs)
-    reduced = torch.stack([v.detach().float() for v in losses.values()])
-    if world > 1:
-        dist.all_reduce(reduced)
-    reduced = dict(zip(losses, (reduced / world).tolist()))
+    reduced = dict(zip(losses, mean_over_ranks(torch.stack([v.detach().float() for v in losses.values()])).tolist()))
     if not math.isfinite(reduced["total"]):
         return reduced, monitors
     losses["total"].backward()
-    if world > 1:  # data parallelism by one flat all-reduce, not DDP's hooks: the backbone runs twice per
-        # step (global and local crops) and has no gradients at all in the head warm-up
-        grads = [p.grad for p in student.parameters() if p.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        for g, mean in zip(grads, (flat / world).split([g.numel() for g in grads])):
-            g.copy_(mean.view_as(g))
+    average_gradients(student)  # ddp: awaits the bucket all-reduces launched in backward; fsdp: done in backward
     for part in student.values():
         params = [p for p in part.parameters() if p.grad is not None]
         if params and clip_grad:
@@ -344,8 +340,8 @@ def train_step(student, teacher, optimizer, batch, values, centers, clip_grad=3.
     optimizer.step()
     with torch.no_grad():  # frozen backbones are left alone: m * x + (1 - m) * x is not always x in floats
         parts = [k for k in student if not (freeze_backbone and k == "backbone")]
-        kernels.ema_([p for k in parts for p in teacher[k].parameters()],
-                     [p for k in parts for p in student[k].parameters()], values["momentum"])
+        kernels.ema_(local_shards(p for k in parts for p in teacher[k].parameters()),
+                     local_shards(p for k in parts for p in student[k].parameters()), values["momentum"])
     return reduced, monitors
 
 
@@ -365,7 +361,8 @@ if __name__ == "__main__":
     config = configure(globals())
 
     # -------------------------------------------------------------------- checks, before any work
-    for key, choices in (("dtype", ("bfloat16", "float32")), ("centering", ("sinkhorn_knopp", "centering"))):
+    for key, choices in (("dtype", ("bfloat16", "float32")), ("centering", ("sinkhorn_knopp", "centering")),
+                         ("parallel", ("",) + PARALLEL_MODES), ("activation_checkpointing", ACTIVATION_CHECKPOINTING)):
         if config[key] not in choices:  # (float16 would need a gradient scaler)
             raise ValueError(f"{key}: expected one of {choices}, found {config[key]!r}")
     for key, value in (("global_crops_size", global_crops_size), ("local_crops_size", local_crops_size)):
@@ -463,6 +460,10 @@ if __name__ == "__main__":
     initial_backbone = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
     centers = {k: torch.zeros(1, head.last_layer.weight_v.shape[0], device=device)  # softmax centering's
                for k, head in (("dino", heads["dino_head"]), ("ibot", heads.get("ibot_head", heads["dino_head"])))}
+    parallel = parallel or default_parallel(world_size(), backbone)  # before the optimizer: fsdp replaces parameters
+    parallelize(student, teacher, parallel, compile, activation_checkpointing,
+                torch.bfloat16 if dtype == "bfloat16" and device_type == "cuda" else torch.float32)
+    ckpt_path, best_path = checkpoint_paths(out, sharded=parallel == "fsdp")
     optimizer = torch.optim.AdamW(param_groups(student, layerwise_decay, patch_embed_lr_mult), lr=0.0,
                                   betas=tuple(adamw_betas), foreach=device_type == "cuda")
     schedules = build_schedules(max_iters, lr, min_lr, warmup_iters, weight_decay, weight_decay_end, momentum_teacher,
@@ -473,24 +474,21 @@ if __name__ == "__main__":
     guard = {"rollback_drop": rollback_drop, "best_score": -math.inf, "best_step": -1}
     history, start_step = [], 0
     if resume:
-        state = load_checkpoint(out / "ckpt.safetensors", student, teacher, optimizer, centers)
+        state = load_checkpoint(ckpt_path, student, teacher, optimizer, centers)
         start_step, history = state["step"], state["history"]
         guard.update(best_score=state["guard"]["best_score"], best_step=state["guard"]["best_step"])
         as_saved = json.loads(json.dumps(config))  # tuples become lists, as in the checkpoint
         changed = {k: (state["config"].get(k), v) for k, v in as_saved.items()
                    if k not in ("resume", "log_interval", "num_workers") and state["config"].get(k) != v}
         if master:
-            print(f"resumed from {out / 'ckpt.safetensors'} at step {start_step}"
+            print(f"resumed from {ckpt_path} at step {start_step}"
                   + (f"; config changed since: {changed}" if changed else ""))
-    if compile:  # the heads stay eager
-        for net in (student, teacher):
-            net["backbone"].compile()
     if master:
         c, n_params = backbone.config, sum(p.numel() for p in backbone.parameters())
         print(f"model: ViT D={c.embed_dim} depth={c.depth} patch={c.patch_size} ({n_params / 1e6:.1f}M params), "
               f"DINO head K={centers['dino'].shape[1]}{' + iBOT head' if 'ibot_head' in heads else ''}; lr {lr:.2e} "
               f"(base {base_lr} x sqrt({global_batch}/1024)); head warm-up {head_warmup_iters} it; "
-              f"{centering}; device {device} {dtype}")
+              f"{centering}; device {device} {dtype}; {parallel} x {world_size()}")
 
     loader = torch.utils.data.DataLoader(
         crops, batch_sampler=StepBatchSampler(len(train_images), batch_size, seed, start_step, max_iters, rank(),
@@ -527,7 +525,7 @@ if __name__ == "__main__":
             score = same_on_all_ranks(float((probs.argmax(1) == query_labels).float().mean()))
             is_best, stop = guard_rail(guard, step, score)
             stopped = "rollback" if stop else None
-            drift = backbone_drift(teacher["backbone"].state_dict(), initial_backbone, feats, initial_feats)
+            drift = backbone_drift(full_state_dict(teacher["backbone"]), initial_backbone, feats, initial_feats)
             history.append({"step": step, "knn_acc": score, "feature_cos": drift["feature_cos"], "cka": drift["cka"]})
             if master:
                 print(f"eval step {step}: k-NN acc {score:.4f} (best {guard['best_score']:.4f} at step "
@@ -535,9 +533,9 @@ if __name__ == "__main__":
         state = {"step": step, "samples_seen": step * global_batch, "config": config, "model": model_info,
                  "guard": dict(guard), "history": history, "world_size": world_size()}
         if is_best:
-            save_checkpoint(out / "best.safetensors", student, teacher, optimizer, centers, state)
+            save_checkpoint(best_path, student, teacher, optimizer, centers, state)
         if step > start_step and (step % ckpt_every == 0 or step == max_iters or stopped):
-            save_checkpoint(out / "ckpt.safetensors", student, teacher, optimizer, centers, state)
+            save_checkpoint(ckpt_path, student, teacher, optimizer, centers, state)
             last_ckpt_step = step
         if step == max_iters or stopped:
             break
@@ -551,7 +549,7 @@ if __name__ == "__main__":
         losses, monitors = train_step(student, teacher, optimizer, batch, values, centers, clip_grad,
                                       freeze_backbone=step < head_warmup_iters, **loss_kwargs)
         if not math.isfinite(losses["total"]):
-            where = (f"the last good checkpoint is {out / 'ckpt.safetensors'} (step {last_ckpt_step}), left untouched"
+            where = (f"the last good checkpoint is {ckpt_path} (step {last_ckpt_step}), left untouched"
                      if last_ckpt_step is not None else "no checkpoint was written yet")
             raise SystemExit(f"step {step}: the loss is not finite ({', '.join(f'{k} {v:.4g}' for k, v in losses.items())}); "
                              f"stopping. {where}. Try a lower base_lr, a longer warmup_iters, clip_grad, or "
@@ -571,22 +569,23 @@ if __name__ == "__main__":
 
     # -------------------------------------------------------------------- results
     elapsed = time.time() - t0
+    export_backbone, export_head = unsharded_backbone(teacher["backbone"]), full_state_dict(teacher["dino_head"])
     if master:
         if stopped == "rollback":
             print(f"GUARD RAIL: k-NN accuracy fell more than {rollback_drop} below its best {guard['best_score']:.4f} "
-                  f"(step {guard['best_step']}); stopped. Continue from {out / 'best.safetensors'} (init_from= and "
+                  f"(step {guard['best_step']}); stopped. Continue from {best_path} (init_from= and "
                   f"init_head_from= that file) with a lower base_lr or a longer head_warmup_iters.")
         else:  # what downstream scripts load, and the DINO head for the next continual run's init_head_from=
-            save_backbone(teacher["backbone"], out / "teacher_backbone.safetensors")
-            export_hf(teacher["backbone"], out / "hf")
-            save_safetensors_atomic(teacher["dino_head"].state_dict(), out / "dino_head.safetensors")
+            save_backbone(export_backbone, out / "teacher_backbone.safetensors")
+            export_hf(export_backbone, out / "hf")
+            save_safetensors_atomic(export_head, out / "dino_head.safetensors")
         results = {"config": config, "steps_done": last_ckpt_step, "seconds": elapsed, "first_losses": first_losses,
                    "last_losses": losses, "knn_history": history, "guard": guard, "stopped": stopped}
         save_json_atomic(results, out / "results.json")
         save_training_curves([json.loads(line) for line in open(log_path)], history, out / "curves.png")
         if eval_sets:  # where the teacher's last block looks, per head, on three held-out images
             images = eval_sets[1][0][:3]
-            save_attention_rows(images, cls_attention_maps(teacher["backbone"], images.to(device)).cpu(),
+            save_attention_rows(images, cls_attention_maps(export_backbone, images.to(device)).cpu(),
                                 out / "attention.png")
         print(f"done in {elapsed / 60:.1f} min: loss {first_losses['total'] if first_losses else float('nan'):.4f} "
               f"-> {losses['total'] if losses else float('nan'):.4f}; outputs in {out}")

@@ -43,6 +43,9 @@ head_bottleneck_dim = 256
 warmup_steps = 3
 timed_steps = 10
 compile = False            # also time the last variant (GPU: Triton, CPU: bf16) as pretrain.py --compile=True runs it
+dry_run = False            # print what one GPU holds for each size under ddp / fsdp (no device needed) and stop
+world = 8                  # dry_run: GPUs
+gpu_gb = 80                # dry_run: memory per GPU
 out_json = "out/bench_pretrain.json"
 from config import configure  # noqa: E402
 config = configure(globals())
@@ -75,6 +78,64 @@ def step_flops(cfg, n_local, n_masked):
     student += head_flops(cfg.embed_dim, 2 * B + n_local * B + n_masked)
     teacher = vit_forward_flops(cfg, global_crops_size, 2 * B) + head_flops(cfg.embed_dim, 2 * B + n_masked)
     return 3 * student + teacher
+
+
+def head_params(D, separate_ibot):
+    one = (D * head_hidden_dim + head_hidden_dim ** 2 + head_hidden_dim * head_bottleneck_dim
+           + head_bottleneck_dim * head_n_prototypes)
+    return one * (2 if separate_ibot else 1)
+
+
+def saved_elements_per_token(cfg, checkpointing):
+    """Activations one student block keeps for backward, per token, in elements (bf16: 2 bytes each).
+    none: LayerNorm inputs and outputs, qkv, the attention output, the projections, the MLP's inner
+    activations (fused attention keeps no T x T scores); selective: only matmul and attention outputs;
+    full: the block input alone (one block's worth is recomputed at a time)."""
+    D = cfg.embed_dim
+    hidden = int(D * cfg.mlp_ratio)
+    if cfg.ffn == "swiglu":
+        hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+        mlp, mlp_matmuls = 4 * hidden, 2 * hidden  # w12 output (x1, x2), silu(x1), the product
+    else:
+        mlp, mlp_matmuls = 2 * hidden, hidden      # fc1 output, GELU output
+    return {"none": 11 * D + mlp, "selective": 7 * D + mlp_matmuls, "full": D}[checkpointing]
+
+
+def training_memory_gb(size, parallel, checkpointing, separate_ibot=True, mask_fraction=0.15):
+    """Estimated GB one GPU holds while training with a per-GPU batch of batch_size images (2 global +
+    n_local_crops local crops each) on `world` GPUs: fp32 weights, gradients, AdamW's two moments and the
+    EMA teacher (each sharded 1/world under fsdp), the student's saved activations (bf16) and its head
+    logits (fp32, with their softmax and gradient), and under ddp autocast's bf16 weight copies."""
+    cfg = vit_config(size, patch_size=patch_size, img_size=global_crops_size)
+    n_params = sum(p.numel() for p in ViT(cfg).parameters()) + head_params(cfg.embed_dim, separate_ibot)
+    shard = world if parallel == "fsdp" else 1
+    tokens = lambda px: 1 + cfg.n_registers + (px // patch_size) ** 2
+    student_tokens = batch_size * (2 * tokens(global_crops_size) + n_local_crops * tokens(local_crops_size))
+    per_block = saved_elements_per_token(cfg, checkpointing)
+    recomputed = saved_elements_per_token(cfg, "none") if checkpointing != "none" else 0  # one block at a time
+    head_rows = batch_size * (2 + n_local_crops) + mask_fraction * 2 * batch_size * (tokens(global_crops_size) - 1)
+    GB = 1e9
+    return {"params": 4 * n_params / shard / GB, "grads": 4 * n_params / shard / GB,
+            "adamw": 8 * n_params / shard / GB, "teacher": 4 * n_params / shard / GB,
+            "activations": (2 * student_tokens * (cfg.depth * per_block + recomputed)
+                            + 3 * 4 * head_rows * head_n_prototypes
+                            + (2 * n_params if parallel == "ddp" else 0)) / GB}
+
+
+def print_memory_table():
+    print(f"per-GPU memory (GB, estimated) on {world} GPUs of {gpu_gb} GB: batch {batch_size} images per GPU x "
+          f"(2 x {global_crops_size} px + {n_local_crops} x {local_crops_size} px crops), K = {head_n_prototypes}, "
+          f"separate iBOT head")
+    print(f"{'model':8} {'parallel':8} {'checkpointing':13} {'params':>7} {'grads':>7} {'AdamW':>7} {'teacher':>7} "
+          f"{'activ.':>7} {'total':>7}  fits")
+    for size in ("small", "base", "large", "giant"):
+        for parallel in ("ddp", "fsdp"):
+            for checkpointing in ("none", "selective", "full"):
+                parts = training_memory_gb(size, parallel, checkpointing)
+                total = sum(parts.values())
+                print(f"ViT-{'SBLg'['sblg'.index(size[0])]}/{patch_size:<3} {parallel:8} {checkpointing:13} "
+                      + " ".join(f"{v:7.1f}" for v in parts.values())
+                      + f" {total:7.1f}  {'yes' if total < 0.9 * gpu_gb else 'NO'}")
 
 
 def synthetic_batch(n_local, device, generator):
@@ -133,6 +194,9 @@ def bench_one(size, n_local, kernels_choice, dtype, device, compiled=False):
 
 
 if __name__ == "__main__":
+    if dry_run:
+        print_memory_table()
+        sys.exit()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
