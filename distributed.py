@@ -56,6 +56,15 @@ def mean_over_ranks(t):
     return t / world_size()
 
 
+def sum_over_ranks(count, device):
+    """An integer summed over all ranks: a host sync under torchrun (the device holds the sum), none alone."""
+    if not distributed():
+        return count
+    total = torch.tensor(float(count), device=device)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
 def default_parallel(world, backbone):
     """fsdp when several processes share a backbone whose replicated training state would crowd a GPU."""
     return "fsdp" if world > 1 and sum(p.numel() for p in backbone.parameters()) > FSDP_ABOVE_PARAMS else "ddp"

@@ -39,8 +39,8 @@ from checkpoint import (check_out_dir, checkpoint_paths, load_checkpoint, load_i
 from data import (BatchedDinoAugmentation, MaskedCollate, MultiCropDataset, SourceImageDataset, StepBatchSampler,
                   auto_source_px, eval_tensors, item_seed, open_images)
 from distributed import (ACTIVATION_CHECKPOINTING, PARALLEL_MODES, average_gradients, default_parallel, full_state_dict,
-                         local_shards, mean_over_ranks, parallelize, rank, same_on_all_ranks, unsharded_backbone,
-                         world_size)
+                         local_shards, mean_over_ranks, parallelize, rank, same_on_all_ranks, sum_over_ranks,
+                         unsharded_backbone, world_size)
 from metrics import backbone_drift, format_drift, knn_predict
 from figures import save_attention_rows, save_training_curves
 from model import (DINOHead, ViT, backbone_features, cls_attention_maps, export_hf, head_shape, load_dino_head,
@@ -164,8 +164,8 @@ def ibot_loss(student_masked_logits, teacher_masked_probs, masks, student_temp=0
     (so every masked crop counts once whatever its mask size), summed and divided by the number of
     crops. Rows are the masked patches in masks.flatten() order; masks: bool (n_crops, N)."""
     per_patch = (teacher_masked_probs * F.log_softmax(student_masked_logits.float() / student_temp, dim=-1)).sum(-1)
-    n_masked = masks.sum(dim=-1)
-    weights = (1.0 / n_masked.clamp(min=1).float()).repeat_interleave(n_masked)
+    n_masked = masks.sum(dim=-1)  # output_size: the row count is known, so the device need not be asked
+    weights = (1.0 / n_masked.clamp(min=1).float()).repeat_interleave(n_masked, output_size=len(per_patch))
     return -(per_patch * weights).sum() / masks.shape[0]
 
 
@@ -223,17 +223,13 @@ def make_teacher(student):
 def ssl_losses(student, teacher, batch, teacher_temp, centers, *, centering="sinkhorn_knopp", student_temp=0.1,
                center_momentum=0.9, dino_loss_weight=1.0, ibot_loss_weight=1.0, koleo_loss_weight=0.1,
                freeze_backbone=False, autocast=nullcontext):
-    """Forward both networks on a batch (MaskedCollate layout: global crops crop-major) and
-    return the loss terms as DINOv2's SSLMetaArch.forward_backward weighs them, plus monitors."""
+    """Forward both networks on a batch (MaskedCollate layout: global crops crop-major, mask_indices made on the
+    host) and return the loss terms as DINOv2's SSLMetaArch.forward_backward weighs them, plus monitors (0-d)."""
     global_crops, local_crops, masks = batch["global_crops"], batch["local_crops"], batch["masks"]
     B = global_crops.shape[0] // 2
     n_local = 0 if local_crops is None else local_crops.shape[0] // B
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    mask_indices = masks.flatten().nonzero().flatten()
-    n_masked_total = torch.tensor(float(len(mask_indices)), device=masks.device)
-    if world > 1:
-        dist.all_reduce(n_masked_total)
-    n_masked_total = int(n_masked_total.item())
+    mask_indices = batch["mask_indices"]  # every rank must agree on running iBOT, whose targets divide by the count
+    n_masked_total = sum_over_ranks(len(mask_indices), masks.device)
     do_ibot = ibot_loss_weight > 0 and n_masked_total > 0
     separate = "ibot_head" in student
 
@@ -250,7 +246,7 @@ def ssl_losses(student, teacher, batch, teacher_temp, centers, *, centering="sin
                 t_logits = teacher["dino_head"](torch.cat([cls, patches]) if do_ibot else cls)
                 t_cls_logits, t_patch_logits = t_logits[:2 * B], t_logits[2 * B:]
         dino_targets = teacher_targets(t_cls_logits.float(), teacher_temp, centering, centers["dino"],
-                                       2 * B * world, center_momentum)
+                                       2 * B * world_size(), center_momentum)
         ibot_targets = None
         if do_ibot:
             ibot_targets = teacher_targets(t_patch_logits.float(), teacher_temp, centering, centers["ibot"],
@@ -296,7 +292,7 @@ def ssl_losses(student, teacher, batch, teacher_temp, centers, *, centering="sin
 
 @torch.no_grad()
 def collapse_monitors(teacher_cls, teacher_probs, student_probs):
-    """Numbers that tell a learning run from a collapsing one (this rank's batch; README, "Pretraining").
+    """Numbers that tell a learning run from a collapsing one (this rank's batch, 0-d; README, "Pretraining").
     teacher_cls (2B, D): the teacher's CLS features of both global crops, crop-major; teacher_probs
     (2B, K): its DINO targets; student_probs (2B, K): the student's DINO head softmax. head_info, the
     mutual information H(mean p) - mean H(p) / log K, is 0 for both of DINO's collapses (every image on
@@ -309,28 +305,32 @@ def collapse_monitors(teacher_cls, teacher_probs, student_probs):
     student_probs = student_probs.float()
     a, b = (teacher_cls.float() - teacher_cls.float().mean(0)).chunk(2)
     return {
-        "feat_std": float(feats.std(dim=0).mean() * math.sqrt(feats.shape[1])),
-        "teacher_entropy": float(entropy(teacher_probs).mean() / math.log(teacher_probs.shape[1])),
-        "head_info": float((entropy(student_probs.mean(0)) - entropy(student_probs).mean())
-                           / math.log(student_probs.shape[1])),
-        "view_corr": float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12)),
+        "feat_std": feats.std(dim=0).mean() * math.sqrt(feats.shape[1]),
+        "teacher_entropy": entropy(teacher_probs).mean() / math.log(teacher_probs.shape[1]),
+        "head_info": ((entropy(student_probs.mean(0)) - entropy(student_probs).mean())
+                      / math.log(student_probs.shape[1])),
+        "view_corr": (a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12),
     }
+
+
+def as_floats(tensors):  # 0-d tensors (loss terms, monitors) as Python floats by one host sync, for log lines
+    return dict(zip(tensors, torch.stack([t.float() for t in tensors.values()]).tolist()))
 
 
 def train_step(student, teacher, optimizer, batch, values, centers, clip_grad=3.0, freeze_backbone=False,
                **loss_kwargs):
-    """Schedules -> losses -> backward (+ gradient reduction) -> per-module clipping -> AdamW -> EMA.
-    Returns (losses as floats averaged over ranks, monitors). A non-finite loss skips the update
-    (the caller stops the run)."""
+    """Schedules -> losses -> backward (+ gradient reduction) -> per-module clipping -> AdamW -> EMA. Returns (finite,
+    losses averaged over ranks, monitors), as 0-d tensors; a non-finite loss skips the update (the caller stops)."""
     for group in optimizer.param_groups:  # this step's schedule values, times the group's multipliers
         group["lr"] = values[group["schedule"]] * group["lr_multiplier"]
         group["weight_decay"] = values["wd"] * group["wd_multiplier"]
     optimizer.zero_grad(set_to_none=True)
     losses, monitors = ssl_losses(student, teacher, batch, values["teacher_temp"], centers,
                                   freeze_backbone=freeze_backbone, **loss_kwargs)
-    reduced = dict(zip(losses, mean_over_ranks(torch.stack([v.detach().float() for v in losses.values()])).tolist()))
-    if not math.isfinite(reduced["total"]):
-        return reduced, monitors
+    reduced = dict(zip(losses, mean_over_ranks(torch.stack([v.detach().float() for v in losses.values()])).unbind()))
+    # the step's one host sync: a NaN loss must never reach the weights; by the rank mean all ranks stop together
+    if not torch.isfinite(reduced["total"]):
+        return False, reduced, monitors
     losses["total"].backward()
     average_gradients(student)  # ddp: awaits the bucket all-reduces launched in backward; fsdp: done in backward
     for part in student.values():
@@ -342,7 +342,7 @@ def train_step(student, teacher, optimizer, batch, values, centers, clip_grad=3.
         parts = [k for k in student if not (freeze_backbone and k == "backbone")]
         kernels.ema_(local_shards(p for k in parts for p in teacher[k].parameters()),
                      local_shards(p for k in parts for p in student[k].parameters()), values["momentum"])
-    return reduced, monitors
+    return True, reduced, monitors
 
 
 def guard_rail(guard, step, score):
@@ -546,26 +546,27 @@ if __name__ == "__main__":
             generator = torch.Generator(device).manual_seed(item_seed(seed, step, rank(), 2))
             batch.update(device_augmentation(batch.pop("images"), generator))
         values = {k: float(v[step]) for k, v in schedules.items()}
-        losses, monitors = train_step(student, teacher, optimizer, batch, values, centers, clip_grad,
-                                      freeze_backbone=step < head_warmup_iters, **loss_kwargs)
-        if not math.isfinite(losses["total"]):
+        finite, losses, monitors = train_step(student, teacher, optimizer, batch, values, centers, clip_grad,
+                                              freeze_backbone=step < head_warmup_iters, **loss_kwargs)
+        if not finite:
             where = (f"the last good checkpoint is {ckpt_path} (step {last_ckpt_step}), left untouched"
                      if last_ckpt_step is not None else "no checkpoint was written yet")
-            raise SystemExit(f"step {step}: the loss is not finite ({', '.join(f'{k} {v:.4g}' for k, v in losses.items())}); "
-                             f"stopping. {where}. Try a lower base_lr, a longer warmup_iters, clip_grad, or "
-                             f"dtype='float32'.")
-        first_losses = first_losses or losses
+            terms = ", ".join(f"{k} {v:.4g}" for k, v in as_floats(losses).items())
+            raise SystemExit(f"step {step}: the loss is not finite ({terms}); stopping. {where}. Try a lower base_lr, "
+                             f"a longer warmup_iters, clip_grad, or dtype='float32'.")
         step += 1
         if master and (step % log_interval == 0 or step == max_iters or step == start_step + 1):
+            logged = as_floats({**losses, **monitors})  # every loss term and collapse monitor, by one host sync
+            first_losses = first_losses or {k: logged[k] for k in losses}
             recent = (time.time() - t_last) / (step - done_last)  # seconds per step since the last line
             step_seconds = recent if step_seconds is None else 0.5 * step_seconds + 0.5 * recent
             t_last, done_last, speed = time.time(), step, global_batch / max(recent, 1e-9)
             eta = int(step_seconds * (max_iters - step))
-            print(f"step {step}/{max_iters} | loss {losses['total']:.4f} | lr {values['lr']:.2e} | {speed:.0f} img/s "
+            print(f"step {step}/{max_iters} | loss {logged['total']:.4f} | lr {values['lr']:.2e} | {speed:.0f} img/s "
                   f"| ETA {eta // 60}m{eta % 60:02d}s" + (" [heads only]" if step <= head_warmup_iters else ""),
                   flush=True)
-            with open(log_path, "a") as f:  # every loss term, schedule value and collapse monitor
-                f.write(json.dumps({"step": step, **losses, **values, **monitors, "img_per_s": speed}) + "\n")
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": step, **logged, **values, "img_per_s": speed}) + "\n")
 
     # -------------------------------------------------------------------- results
     elapsed = time.time() - t0
@@ -580,7 +581,7 @@ if __name__ == "__main__":
             export_hf(export_backbone, out / "hf")
             save_safetensors_atomic(export_head, out / "dino_head.safetensors")
         results = {"config": config, "steps_done": last_ckpt_step, "seconds": elapsed, "first_losses": first_losses,
-                   "last_losses": losses, "knn_history": history, "guard": guard, "stopped": stopped}
+                   "last_losses": losses and as_floats(losses), "knn_history": history, "guard": guard, "stopped": stopped}
         save_json_atomic(results, out / "results.json")
         save_training_curves([json.loads(line) for line in open(log_path)], history, out / "curves.png")
         if eval_sets:  # where the teacher's last block looks, per head, on three held-out images
@@ -588,7 +589,7 @@ if __name__ == "__main__":
             save_attention_rows(images, cls_attention_maps(export_backbone, images.to(device)).cpu(),
                                 out / "attention.png")
         print(f"done in {elapsed / 60:.1f} min: loss {first_losses['total'] if first_losses else float('nan'):.4f} "
-              f"-> {losses['total'] if losses else float('nan'):.4f}; outputs in {out}")
+              f"-> {results['last_losses']['total'] if losses else float('nan'):.4f}; outputs in {out}")
         if history and history[0]["step"] == 0:  # what pretraining bought, on images it never trained on
             first, last = history[0]["knn_acc"], history[-1]["knn_acc"]
             print(f"k-NN accuracy on held-out {eval_data} images: {first:.4f} at step 0 ({init_from or 'random init'}) "

@@ -42,9 +42,9 @@ def run_parallel_steps(batches, parallel="ddp", freeze_steps=0, activation_check
     optimizer.step = step_recording_gradients
     for step, batch in enumerate(batches):
         values = {k: float(v[step]) for k, v in schedules.items()}
-        losses, _ = P.train_step(student, teacher, optimizer, batch, values, centers, 0.0,
-                                 freeze_backbone=step < freeze_steps)
-        history.append(losses)
+        _, losses, _ = P.train_step(student, teacher, optimizer, batch, values, centers, 0.0,
+                                    freeze_backbone=step < freeze_steps)
+        history.append(P.as_floats(losses))
     return history, first_grads, full_state_dict(student), full_state_dict(teacher)
 
 

@@ -25,6 +25,7 @@ from data import (MaskedCollate, MaskingGenerator, MultiCropDataset, SourceImage
                   open_images)
 from model import ViT, vit_config
 from schedules import build_schedules, param_groups
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 
@@ -104,11 +105,11 @@ def test_init_head_from_reproduces_the_published_dinov2_head(oracles_dir, tmp_pa
 def head_information(probs):
     """collapse_monitors' head_info of a batch of student assignments (the other inputs do not enter it)."""
     features = torch.randn(2 * (len(probs) // 2), 4)
-    return P.collapse_monitors(features, probs, probs)["head_info"]
+    return float(P.collapse_monitors(features, probs, probs)["head_info"])
 
 
 def view_correlation(a, b):
-    return P.collapse_monitors(torch.cat([a, b]), torch.full((2, 3), 1 / 3), torch.full((2, 3), 1 / 3))["view_corr"]
+    return float(P.collapse_monitors(torch.cat([a, b]), torch.full((2, 3), 1 / 3), torch.full((2, 3), 1 / 3))["view_corr"])
 
 
 def test_head_information_is_zero_for_both_collapses_and_one_for_distinct_prototypes():
@@ -141,8 +142,8 @@ def test_view_correlation_ignores_the_shared_feature_and_measures_per_image_agre
 
 def test_teacher_entropy_is_a_fraction_of_log_k():
     uniform, peaked = torch.full((4, 8), 1 / 8), torch.eye(8)[:4]
-    assert P.collapse_monitors(torch.randn(4, 3), uniform, uniform)["teacher_entropy"] == pytest.approx(1.0)
-    assert P.collapse_monitors(torch.randn(4, 3), peaked, peaked)["teacher_entropy"] == pytest.approx(0.0, abs=1e-6)
+    assert float(P.collapse_monitors(torch.randn(4, 3), uniform, uniform)["teacher_entropy"]) == pytest.approx(1.0)
+    assert float(P.collapse_monitors(torch.randn(4, 3), peaked, peaked)["teacher_entropy"]) == pytest.approx(0.0, abs=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,8 +172,13 @@ def tiny_batches(n_steps, seed=0):
         masks = torch.stack([masker(int(torch.randint(2, 8, (), generator=g)), g) if i % 2 else masker(0, g)
                              for i in range(2 * B_TOTAL)]).flatten(1)
         batches.append({"global_crops": torch.randn(2 * B_TOTAL, 3, 32, 32, generator=g),
-                        "local_crops": torch.randn(N_LOCAL * B_TOTAL, 3, 16, 16, generator=g), "masks": masks})
+                        "local_crops": torch.randn(N_LOCAL * B_TOTAL, 3, 16, 16, generator=g), **with_indices(masks)})
     return batches
+
+
+def with_indices(masks):
+    """masks with their flat indices, as MaskedCollate gives them."""
+    return {"masks": masks, "mask_indices": masks.flatten().nonzero().flatten()}
 
 
 def rank_slice(batch, r, world):
@@ -180,7 +186,7 @@ def rank_slice(batch, r, world):
     B = B_TOTAL // world
     rows = lambda n_crops: torch.cat([torch.arange(c * B_TOTAL + r * B, c * B_TOTAL + (r + 1) * B) for c in range(n_crops)])
     return {"global_crops": batch["global_crops"][rows(2)], "local_crops": batch["local_crops"][rows(N_LOCAL)],
-            "masks": batch["masks"][rows(2)]}
+            **with_indices(batch["masks"][rows(2)])}
 
 
 def tiny_training_state(student=None, teacher=None):
@@ -205,9 +211,9 @@ def run_tiny_steps(batches, centering="sinkhorn_knopp", freeze_steps=0, separate
     history = []
     for step, batch in enumerate(batches):
         values = {k: float(v[step]) for k, v in schedules.items()}
-        losses, _ = P.train_step(student, teacher, optimizer, batch, values, centers, 3.0,
-                                 freeze_backbone=step < freeze_steps, centering=centering)
-        history.append(losses)
+        _, losses, _ = P.train_step(student, teacher, optimizer, batch, values, centers, 3.0,
+                                    freeze_backbone=step < freeze_steps, centering=centering)
+        history.append(P.as_floats(losses))
     return history, student, teacher
 
 
@@ -417,6 +423,35 @@ def test_head_warmup_leaves_every_backbone_parameter_bit_identical_and_moves_eve
             torch.testing.assert_close(t, 0.9 * t_before[name] + 0.1 * students[name], atol=1e-7, rtol=1e-6,
                                        msg=name)
             assert not torch.equal(t, t_before[name]), f"teacher {name} did not move"
+
+
+# ----------------------------------------------------------------------------------------------
+# Host syncs: the step asks the device for one number, the loss's finiteness
+# ----------------------------------------------------------------------------------------------
+
+class HostReads(TorchDispatchMode):
+    """Counts the ops that make the host wait for the device: a value read back (item, float, bool,
+    tolist) and nonzero's data-dependent shape. AdamW's step counters live on the host: not counted."""
+
+    def __init__(self, host_tensors):
+        super().__init__()
+        self.host_tensors, self.reads = host_tensors, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        reads = func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default)
+        if reads and not any(args[0] is t for t in self.host_tensors):
+            self.reads.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("centering", CENTERINGS)
+def test_a_training_step_reads_one_value_back_from_the_device(centering):
+    student, teacher, optimizer, centers, values = tiny_training_state()
+    first, second = tiny_batches(2)
+    P.train_step(student, teacher, optimizer, first, values, centers, centering=centering)  # AdamW makes its state
+    with HostReads([state["step"] for state in optimizer.state.values()]) as host_reads:
+        P.train_step(student, teacher, optimizer, second, values, centers, centering=centering)
+    assert len(host_reads.reads) == 1, host_reads.reads
 
 
 # ----------------------------------------------------------------------------------------------
