@@ -1,5 +1,5 @@
 """Times nanorad's Triton kernels against their PyTorch references (and, for attention, against
-PyTorch's scaled_dot_product_attention with its flash and memory-efficient backends) at real sizes,
+PyTorch's scaled_dot_product_attention with its flash, memory-efficient and cuDNN backends) at real sizes,
 and prints one table: time, speed-up over each baseline, TFLOP/s or GB/s and % of the device's peak.
 
     python bench/kernels.py                 # on a GPU: ViT-S/B at 224 and 518, K = 65k/131k, ViT-B/L EMA
@@ -8,6 +8,9 @@ and prints one table: time, speed-up over each baseline, TFLOP/s or GB/s and % o
 Throughput conventions: attention forward does 4 B H N^2 Dh FLOPs, forward+backward 3.5x that (the
 backward's 5 matrix products, as FlashAttention counts them); GB/s counts the fewest bytes the
 operation must move (inputs read once, outputs written once), so it is comparable across versions.
+Attention's inputs and output gradient are strided as model.py makes them: q, k, v slices of one
+(B, N, 3, H, Dh) qkv projection, the output gradient a (B, H, N, Dh) view of the (B, N, H, Dh) gradient
+that backward brings from the output projection -- not contiguous (B, H, N, Dh) tensors.
 """
 import sys
 import time
@@ -92,8 +95,10 @@ def bench_attention(device, rows):
     if device.type == "cuda":
         impls = {"triton": attention_triton, "reference": attention_reference,
                  "sdpa-flash": sdpa_backend(SDPBackend.FLASH_ATTENTION),
-                 "sdpa-efficient": sdpa_backend(SDPBackend.EFFICIENT_ATTENTION)}
-    else:  # the CPU has neither named backend
+                 "sdpa-efficient": sdpa_backend(SDPBackend.EFFICIENT_ATTENTION),
+                 "sdpa-cudnn": sdpa_backend(SDPBackend.CUDNN_ATTENTION)}
+    else:
+        print("attention on a CPU: triton, sdpa-flash, sdpa-efficient and sdpa-cudnn rows skipped (CUDA only)")
         impls = {"reference": attention_reference, "sdpa": F.scaled_dot_product_attention}
     act_dtype = getattr(torch, dtype) if device.type == "cuda" else torch.float32
     peak_flops, _ = device_peaks(device)
@@ -101,14 +106,18 @@ def bench_attention(device, rows):
         # q, k, v as slices of one qkv projection, as model.py makes them
         qkv = torch.randn(B, N, 3, H, 64, device=device, dtype=act_dtype, requires_grad=True)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        grad_out = torch.randn(B, H, N, 64, device=device, dtype=act_dtype)
+        # and the output gradient as backward brings it through out.transpose(1, 2).reshape(B, N, D)
+        grad_out = torch.randn(B, N, H, 64, device=device, dtype=act_dtype).transpose(1, 2)
         flops = 4 * B * H * N * N * 64
         for mode, mult in (("fwd", 1.0), ("fwd+bwd", 3.5)):
             times = {}
             for impl, attn in impls.items():
                 fn = (lambda a=attn: a(q, k, v)) if mode == "fwd" else fwd_bwd(attn, q, k, v, grad_out)
-                with torch.no_grad() if mode == "fwd" else torch.enable_grad():
-                    times[impl] = time_ms(fn, device, grads=(qkv,))
+                try:  # a backend without a kernel for this device, dtype or shape: named, not fatal
+                    with torch.no_grad() if mode == "fwd" else torch.enable_grad():
+                        times[impl] = time_ms(fn, device, grads=(qkv,))
+                except RuntimeError as e:
+                    print(f"attention {mode} {name}: {impl} skipped ({str(e).splitlines()[0]})")
             rate = lambda ms: flops * mult / (ms * 1e-3)
             add_rows(rows, f"attention {mode}", f"{name} B={B} H={H} N={N}", times, rate, peak_flops, "TFLOP/s", 1e12)
 
