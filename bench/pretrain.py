@@ -9,6 +9,15 @@ model and recipe: the references on a GPU, fp32 on a CPU.
     python bench/pretrain.py                 # GPU: ViT-S/14 and ViT-B/14 at 224 (local crops 98 px), K = 65536
     python bench/pretrain.py --smoke=True    # CPU: ViT-tiny/8 at 64 px, small heads
     python bench/pretrain.py --compile=True  # adds a row with torch.compile'd backbones (compiled in the warm-up)
+    python bench/pretrain.py --parallel_rows=True  # ddp / fsdp x compile x activation checkpointing, several processes
+
+`--parallel_rows=True` spawns `nproc` processes (one per GPU with NCCL; on a CPU 2 with gloo) that time
+pretrain.py's step as `parallelize` prepares it, for the multi-crop recipe: ddp and fsdp, each with
+activation_checkpointing none / selective / full, each with and without compile (GPU only: on a CPU the
+compile rows are skipped), beside a reference row -- the unprepared step (one blocking gradient all-reduce
+after backward) with fused AdamW and a foreach EMA (torch._foreach_mul_ / _foreach_add_). The rows are
+interleaved, `repeats` rounds of `timed_steps` steps each, so a machine that speeds up or slows down
+meanwhile moves every row alike; each row prints its median step time and its spread (min - max over rounds).
 
 Batches are synthetic tensors already on the device: this times the model step, not the data loader.
 FLOPs are counted analytically (2 per multiply-add: patch embedding, attention projections and
@@ -16,16 +25,23 @@ scores, MLP, heads; student x3 for its backward, teacher x1) at the device's den
 """
 import json
 import os
+import statistics
 import sys
+import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
+from unittest import mock
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: `python bench/pretrain.py`
 import pretrain as P  # noqa: E402  (the step it times is pretrain.py's own, as tests/test_pretrain.py tests it)
 from data import MaskingGenerator  # noqa: E402
+from distributed import ACTIVATION_CHECKPOINTING, PARALLEL_MODES, parallelize  # noqa: E402
 from model import ViT, vit_config  # noqa: E402
 from schedules import param_groups  # noqa: E402
 
@@ -43,6 +59,9 @@ head_bottleneck_dim = 256
 warmup_steps = 3
 timed_steps = 10
 compile = False            # also time the last variant (GPU: Triton, CPU: bf16) as pretrain.py --compile=True runs it
+parallel_rows = False      # time ddp / fsdp x compile x activation checkpointing on nproc processes instead
+nproc = 0                  # parallel_rows: processes (0 = one per GPU, 2 on a CPU)
+repeats = 5                # parallel_rows: rounds over the interleaved rows
 dry_run = False            # print what one GPU holds for each size under ddp / fsdp (no device needed) and stop
 world = 8                  # dry_run: GPUs
 gpu_gb = 80                # dry_run: memory per GPU
@@ -53,6 +72,7 @@ config = configure(globals())
 if smoke:
     sizes, patch_size, global_crops_size, local_crops_size, batch_size = ("tiny",), 8, 64, 32, 16
     head_n_prototypes, head_hidden_dim, head_bottleneck_dim, timed_steps, warmup_steps = 1024, 512, 128, 3, 1
+    repeats = 3
 
 PEAK_BF16 = {"H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "A100": 312e12}
 
@@ -148,41 +168,57 @@ def synthetic_batch(n_local, device, generator):
     return {"global_crops": torch.randn(2 * batch_size, 3, global_crops_size, global_crops_size, generator=generator).to(device),
             "local_crops": (torch.randn(n_local * batch_size, 3, local_crops_size, local_crops_size, generator=generator).to(device)
                             if n_local else None),
-            "masks": masks.to(device)}
+            "masks": masks.to(device), "mask_indices": masks.flatten().nonzero().flatten().to(device)}
 
 
-def bench_one(size, n_local, kernels_choice, dtype, device, compiled=False):
-    os.environ["NANORAD_KERNELS"] = kernels_choice  # read by kernels/ at every call
+def foreach_ema_(teachers, students, momentum):
+    """The reference row's EMA: two multi-tensor ops over all parameters (what kernels/ema.py fuses)."""
+    torch._foreach_mul_(teachers, momentum)
+    torch._foreach_add_(teachers, [s.to(t.dtype) for t, s in zip(teachers, students)], alpha=1 - momentum)
+
+
+def make_step(size, n_local, dtype, device, prepare=None, reference=False):
+    """A closure running one pretrain.py train_step on a fixed synthetic batch; with (cfg, masked patches).
+    prepare(student, teacher): compile or `parallelize` the networks before the optimizer is built.
+    reference: fused AdamW and foreach_ema_ instead of pretrain.py's optimizer settings and kernels.ema_."""
     torch.manual_seed(0)
     cfg = vit_config(size, patch_size=patch_size, img_size=global_crops_size, drop_path_rate=0.1)
     backbone = ViT(cfg)
     student = nn.ModuleDict({"backbone": backbone, **P.build_heads(cfg.embed_dim, head_n_prototypes, head_hidden_dim,
                                                                     head_bottleneck_dim, 3, False, 0)}).to(device)
     teacher = P.make_teacher(student)
-    if compiled:  # compiles during the warm-up steps, which are not timed
-        for net in (student, teacher):
-            net["backbone"].compile()
+    if prepare:
+        prepare(student, teacher)
     optimizer = torch.optim.AdamW(param_groups(student, 0.9, 0.2), lr=0.0, betas=(0.9, 0.999),
-                                  foreach=device.type == "cuda")
+                                  **({"fused": True} if reference else {"foreach": device.type == "cuda"}))
     centers = {"dino": torch.zeros(1, head_n_prototypes, device=device), "ibot": torch.zeros(1, head_n_prototypes, device=device)}
     values = {"lr": 1e-4, "last_layer_lr": 1e-4, "backbone_lr": 1e-4, "wd": 0.04, "momentum": 0.994, "teacher_temp": 0.07}
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     batch = synthetic_batch(n_local, device, torch.Generator().manual_seed(0))
-    n_masked = int(batch["masks"].sum())
 
     def step():
-        P.train_step(student, teacher, optimizer, batch, values, centers, 3.0, autocast=autocast)
+        with mock.patch.object(P.kernels, "ema_", foreach_ema_) if reference else nullcontext():
+            P.train_step(student, teacher, optimizer, batch, values, centers, 3.0, autocast=autocast)
+    return step, cfg, len(batch["mask_indices"])
 
-    for _ in range(warmup_steps):
-        step()
+
+def seconds_per_step(step, device, n_steps):
     if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
-    for _ in range(timed_steps):
+    for _ in range(n_steps):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    seconds = (time.perf_counter() - t) / timed_steps
+    return (time.perf_counter() - t) / n_steps
+
+
+def bench_one(size, n_local, kernels_choice, dtype, device, compiled=False):
+    os.environ["NANORAD_KERNELS"] = kernels_choice  # read by kernels/ at every call
+    compile_backbones = lambda *nets: [net["backbone"].compile() for net in nets]  # compiled in the warm-up
+    step, cfg, n_masked = make_step(size, n_local, dtype, device, compile_backbones if compiled else None)
+    seconds_per_step(step, device, warmup_steps)
+    seconds = seconds_per_step(step, device, timed_steps)
     flops = step_flops(cfg, n_local, n_masked)
     peak = next((v for k, v in PEAK_BF16.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
     row = {"model": f"ViT-{size[0].upper()}/{patch_size}", "recipe": f"2+{n_local}" if n_local else "2 global",
@@ -193,9 +229,89 @@ def bench_one(size, n_local, kernels_choice, dtype, device, compiled=False):
     return row
 
 
+# ---- ddp / fsdp x compile x activation checkpointing, on several processes ---------------------------------
+
+def parallel_row_names(on_gpu):
+    """("reference", False, "none") first, then (parallel, compiled, checkpointing) rows; compile on a GPU only.
+    fsdp with selective checkpointing fails in backward (FSDP's record_function ops meet the checkpoint's op
+    log: "profiler._record_function_enter_new ... not found in storage"), so it is left out until fixed."""
+    return [("reference", False, "none")] + [(parallel, compiled, checkpointing) for parallel in PARALLEL_MODES
+                                             for compiled in ((False, True) if on_gpu else (False,))
+                                             for checkpointing in ACTIVATION_CHECKPOINTING
+                                             if (parallel, checkpointing) != ("fsdp", "selective")]
+
+
+def parallel_worker(r, world, store_dir):
+    """One process: builds every row's networks, warms each up (compiling), then times the rows round-robin."""
+    on_gpu = torch.cuda.is_available()
+    device = torch.device(f"cuda:{r}" if on_gpu else "cpu")
+    if on_gpu:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    else:
+        torch.set_num_threads(1)  # the processes share the cores
+    dist.init_process_group("nccl" if on_gpu else "gloo", init_method=f"file://{store_dir}/store", rank=r,
+                            world_size=world)
+    dtype = "bfloat16" if on_gpu else "float32"
+    try:
+        steps = {}
+        for size in sizes:
+            for parallel, compiled, checkpointing in parallel_row_names(on_gpu):
+                prepare = None if parallel == "reference" else (
+                    lambda s, t, p=parallel, c=compiled, a=checkpointing: parallelize(s, t, p, c, a, torch.bfloat16
+                                                                                   if on_gpu else torch.float32))
+                step, _, _ = make_step(size, n_local_crops, dtype, device, prepare, reference=parallel == "reference")
+                seconds_per_step(step, device, warmup_steps)
+                steps[(size, parallel, compiled, checkpointing)] = step
+        times = {key: [] for key in steps}
+        for _ in range(repeats):  # interleaved: a drift of the machine's speed reaches every row alike
+            for key, step in steps.items():
+                dist.barrier()
+                times[key].append(seconds_per_step(step, device, timed_steps))
+        if r == 0:
+            Path(store_dir, "times.json").write_text(json.dumps([[*key, t] for key, t in times.items()]))
+    finally:
+        dist.destroy_process_group()
+
+
+def print_parallel_rows():
+    on_gpu = torch.cuda.is_available()
+    world = nproc or (torch.cuda.device_count() if on_gpu else 2)
+    name = torch.cuda.get_device_name() if on_gpu else "CPU"
+    print(f"pretraining step on {world} x {name} ({'nccl' if on_gpu else 'gloo, 1 thread each'}): multi-crop "
+          f"2 x {global_crops_size} px + {n_local_crops} x {local_crops_size} px, batch {batch_size} per process, "
+          f"K = {head_n_prototypes}; {repeats} interleaved rounds of {timed_steps} steps per row")
+    if not on_gpu:
+        print("compile rows skipped on a CPU: pretrain.py compiles for GPUs, and this smoke run stays short")
+    print("fsdp + selective checkpointing left out: it fails in backward (see parallel_row_names)")
+    with tempfile.TemporaryDirectory() as store_dir:
+        mp.spawn(parallel_worker, args=(world, store_dir), nprocs=world, join=True)
+        times = json.loads(Path(store_dir, "times.json").read_text())
+    print(f"{'model':10} {'parallel':10} {'compile':8} {'act. ckpt':10} {'median ms':>10} {'min-max ms':>15} "
+          f"{'img/s':>8} {'speedup':>7}")
+    rows, reference = [], {}
+    for size, parallel, compiled, checkpointing, seconds in times:
+        median = statistics.median(seconds)
+        reference.setdefault(size, median)  # the reference row comes first for each size
+        rows.append({"model": f"ViT-{size[0].upper()}/{patch_size}", "parallel": parallel, "compile": compiled,
+                     "activation_checkpointing": checkpointing, "world": world, "step_ms": [1000 * t for t in seconds],
+                     "median_ms": 1000 * median, "img_per_s": world * batch_size / median,
+                     "speedup": reference[size] / median})
+        r = rows[-1]
+        print(f"{r['model']:10} {parallel:10} {str(compiled):8} {checkpointing:10} {r['median_ms']:10.1f} "
+              f"{1000 * min(seconds):7.1f}-{1000 * max(seconds):<7.1f} {r['img_per_s']:8.1f} {r['speedup']:6.2f}x")
+    return name, rows
+
+
 if __name__ == "__main__":
     if dry_run:
         print_memory_table()
+        sys.exit()
+    if parallel_rows:
+        name, rows = print_parallel_rows()
+        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_json).write_text(json.dumps({"device": name, "config": config, "rows": rows}, indent=1))
+        print(f"wrote {out_json}")
         sys.exit()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
