@@ -232,13 +232,10 @@ def bench_one(size, n_local, kernels_choice, dtype, device, compiled=False):
 # ---- ddp / fsdp x compile x activation checkpointing, on several processes ---------------------------------
 
 def parallel_row_names(on_gpu):
-    """("reference", False, "none") first, then (parallel, compiled, checkpointing) rows; compile on a GPU only.
-    fsdp with selective checkpointing fails in backward (FSDP's record_function ops meet the checkpoint's op
-    log: "profiler._record_function_enter_new ... not found in storage"), so it is left out until fixed."""
+    """("reference", False, "none") first, then (parallel, compiled, checkpointing) rows; compile on a GPU only."""
     return [("reference", False, "none")] + [(parallel, compiled, checkpointing) for parallel in PARALLEL_MODES
                                              for compiled in ((False, True) if on_gpu else (False,))
-                                             for checkpointing in ACTIVATION_CHECKPOINTING
-                                             if (parallel, checkpointing) != ("fsdp", "selective")]
+                                             for checkpointing in ACTIVATION_CHECKPOINTING]
 
 
 def parallel_worker(r, world, store_dir):
@@ -283,7 +280,6 @@ def print_parallel_rows():
           f"K = {head_n_prototypes}; {repeats} interleaved rounds of {timed_steps} steps per row")
     if not on_gpu:
         print("compile rows skipped on a CPU: pretrain.py compiles for GPUs, and this smoke run stays short")
-    print("fsdp + selective checkpointing left out: it fails in backward (see parallel_row_names)")
     with tempfile.TemporaryDirectory() as store_dir:
         mp.spawn(parallel_worker, args=(world, store_dir), nprocs=world, join=True)
         times = json.loads(Path(store_dir, "times.json").read_text())
