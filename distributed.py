@@ -84,11 +84,16 @@ def matmuls_and_attention():
 
 def checkpoint_activations(blocks, mode):
     """Recompute each block's activations in backward instead of keeping them ("full": all of them;
-    "selective": all but matmul and attention outputs). The composable API keeps the parameter names,
-    so checkpoints do not depend on the mode. Drop-path masks are redrawn identically (RNG preserved)."""
-    from torch.distributed._composable import checkpoint
+    "selective": all but matmul and attention outputs). The block's forward method, not the module, runs
+    under torch.utils.checkpoint, the checkpoint inside the FSDP unit as DINOv3's checkpoint_wrapper puts
+    it: FSDP's hooks around the module's call (gathers, casts, profiler ranges) stay out of the recomputed
+    region. (Composable checkpoint(block) recomputes the hooked call, and selective checkpointing, which
+    replays exactly the forward's ops, then fails on FSDP's ops.) The parameter names stay the same, so
+    checkpoints do not depend on the mode. Drop-path masks are redrawn identically (RNG preserved)."""
+    from torch.utils.checkpoint import checkpoint
+    context = {"context_fn": matmuls_and_attention()} if mode == "selective" else {}
     for block in blocks:
-        checkpoint(block, **({"context_fn": matmuls_and_attention()} if mode == "selective" else {}))
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False, **context)
 
 
 def parallelize(student, teacher, parallel, compile_blocks=False, activation_checkpointing="none",

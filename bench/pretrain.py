@@ -53,6 +53,7 @@ global_crops_size = 224
 local_crops_size = 98
 n_local_crops = 8
 batch_size = 64            # images per step (each gives 2 global + n local crops)
+depth = 0                  # transformer blocks (0 = the size's own)
 head_n_prototypes = 65536
 head_hidden_dim = 2048
 head_bottleneck_dim = 256
@@ -72,9 +73,16 @@ config = configure(globals())
 if smoke:
     sizes, patch_size, global_crops_size, local_crops_size, batch_size = ("tiny",), 8, 64, 32, 16
     head_n_prototypes, head_hidden_dim, head_bottleneck_dim, timed_steps, warmup_steps = 1024, 512, 128, 3, 1
-    repeats = 3
+if smoke and parallel_rows:  # 7 rows on 2 processes sharing 2 CPU cores: every path runs, in well under 2 min
+    global_crops_size, local_crops_size, n_local_crops, batch_size, depth = 32, 16, 2, 4, 2
+    head_n_prototypes, head_hidden_dim, head_bottleneck_dim, timed_steps, repeats = 256, 64, 32, 2, 2
 
 PEAK_BF16 = {"H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "A100": 312e12}
+
+
+def blocks_note():
+    """For the table's header: a `depth` that overrides the named sizes' own."""
+    return f", {depth} blocks" if depth else ""
 
 
 def vit_forward_flops(cfg, img_px, n_images):
@@ -182,7 +190,8 @@ def make_step(size, n_local, dtype, device, prepare=None, reference=False):
     prepare(student, teacher): compile or `parallelize` the networks before the optimizer is built.
     reference: fused AdamW and foreach_ema_ instead of pretrain.py's optimizer settings and kernels.ema_."""
     torch.manual_seed(0)
-    cfg = vit_config(size, patch_size=patch_size, img_size=global_crops_size, drop_path_rate=0.1)
+    cfg = vit_config(size, patch_size=patch_size, img_size=global_crops_size, drop_path_rate=0.1,
+                     **({"depth": depth} if depth else {}))
     backbone = ViT(cfg)
     student = nn.ModuleDict({"backbone": backbone, **P.build_heads(cfg.embed_dim, head_n_prototypes, head_hidden_dim,
                                                                     head_bottleneck_dim, 3, False, 0)}).to(device)
@@ -232,13 +241,10 @@ def bench_one(size, n_local, kernels_choice, dtype, device, compiled=False):
 # ---- ddp / fsdp x compile x activation checkpointing, on several processes ---------------------------------
 
 def parallel_row_names(on_gpu):
-    """("reference", False, "none") first, then (parallel, compiled, checkpointing) rows; compile on a GPU only.
-    fsdp with selective checkpointing fails in backward (FSDP's record_function ops meet the checkpoint's op
-    log: "profiler._record_function_enter_new ... not found in storage"), so it is left out until fixed."""
+    """("reference", False, "none") first, then (parallel, compiled, checkpointing) rows; compile on a GPU only."""
     return [("reference", False, "none")] + [(parallel, compiled, checkpointing) for parallel in PARALLEL_MODES
                                              for compiled in ((False, True) if on_gpu else (False,))
-                                             for checkpointing in ACTIVATION_CHECKPOINTING
-                                             if (parallel, checkpointing) != ("fsdp", "selective")]
+                                             for checkpointing in ACTIVATION_CHECKPOINTING]
 
 
 def parallel_worker(r, world, store_dir):
@@ -280,10 +286,9 @@ def print_parallel_rows():
     name = torch.cuda.get_device_name() if on_gpu else "CPU"
     print(f"pretraining step on {world} x {name} ({'nccl' if on_gpu else 'gloo, 1 thread each'}): multi-crop "
           f"2 x {global_crops_size} px + {n_local_crops} x {local_crops_size} px, batch {batch_size} per process, "
-          f"K = {head_n_prototypes}; {repeats} interleaved rounds of {timed_steps} steps per row")
+          f"K = {head_n_prototypes}{blocks_note()}; {repeats} interleaved rounds of {timed_steps} steps per row")
     if not on_gpu:
         print("compile rows skipped on a CPU: pretrain.py compiles for GPUs, and this smoke run stays short")
-    print("fsdp + selective checkpointing left out: it fails in backward (see parallel_row_names)")
     with tempfile.TemporaryDirectory() as store_dir:
         mp.spawn(parallel_worker, args=(world, store_dir), nprocs=world, join=True)
         times = json.loads(Path(store_dir, "times.json").read_text())
@@ -318,7 +323,7 @@ if __name__ == "__main__":
         torch.backends.cuda.matmul.allow_tf32 = True
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"pretraining step on {name}: {global_crops_size} px global crops, {local_crops_size} px local crops, "
-          f"batch {batch_size}, K = {head_n_prototypes}")
+          f"batch {batch_size}, K = {head_n_prototypes}{blocks_note()}")
     rows = []
     # (kernels, autocast dtype, compiled), the baseline first. Triton runs on CUDA only; a CPU uses the references.
     if device.type == "cuda":

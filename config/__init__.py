@@ -76,7 +76,9 @@ def report_user_errors(kind, error, traceback):
     if "Original Traceback" in message:  # raised in a DataLoader worker: its own message is the last line
         message = message.strip().splitlines()[-1].split(": ", 1)[-1]
     sys.stdout.flush()
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    # the process's own stderr: under torchrun, init_process_group wraps this hook with one that points
+    # sys.stderr at a buffer and prints the buffer when the hook returns, which this one never does
+    print(f"error: {message}", file=sys.__stderr__, flush=True)
     os._exit(2)  # not sys.exit: DataLoader workers and process groups must not turn this into a traceback
 
 
