@@ -98,6 +98,9 @@ def load_sharded_checkpoint(path, student, teacher, optimizer, centers):
     """Restore what save_sharded_checkpoint wrote, in place into this run's shards (same world size)."""
     import torch.distributed.checkpoint as dcp
     state = json.loads((Path(path) / "state.json").read_text())
+    if len(state["rng"]) != world_size():
+        raise ValueError(f"resume: {path} holds the shards of {len(state['rng'])} processes, this run has "
+                         f"{world_size()}: resume a sharded checkpoint with as many processes")
     shards = Path(path) / state["shards"]
     saved = dcp.FileSystemReader(shards).read_metadata().state_dict_metadata
     for group in optimizer.param_groups:  # AdamW's states, allocated for DCP to load into
@@ -105,9 +108,6 @@ def load_sharded_checkpoint(path, student, teacher, optimizer, centers):
             if f"optim.{name}.step" in saved:
                 optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
                                       "exp_avg_sq": torch.zeros_like(p)}
-    if len(state["rng"]) != world_size():
-        raise ValueError(f"resume: {path} holds the shards of {len(state['rng'])} processes, this run has "
-                         f"{world_size()}: resume a sharded checkpoint with as many processes")
     rng = {f"rng.{rank()}.{k}": v for k, v in rng_states().items() if torch.is_tensor(v)}
     dcp.load({**checkpoint_tensors(student, teacher, optimizer, centers), **rng}, checkpoint_id=shards)
     set_rng_states({**state["rng"][rank()], **{k.split(".", 2)[2]: v for k, v in rng.items()}})
