@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from distributed import distributed, rank, world_size
-from model import (ViT, ViTConfig, load_backbone, load_state_strict, read_safetensors, save_json_atomic,
+from model import (ViT, ViTConfig, load_backbone, load_state_strict, read_safetensors, read_state_dict, save_json_atomic,
                    save_safetensors_atomic)
 
 
@@ -166,16 +166,20 @@ def load_checkpoint(path, student, teacher, optimizer, centers):
 
 
 def load_init_backbone(path, **config_overrides):
-    """A backbone to continue from: a pretrain.py checkpoint (its teacher, the better network) or
-    anything model.load_backbone reads (official DINOv2 .pth, HF Dinov2, timm, nanorad)."""
-    is_safetensors_file = str(path).endswith(".safetensors") and Path(path).is_file()
-    ckpt_state = checkpoint_state_or_none(path) if is_safetensors_file else None
+    """A backbone to continue from: a pretrain.py checkpoint (its teacher, the better network; a file, or
+    an fsdp run's .dcp folder) or anything model.load_backbone reads (official DINOv2 .pth, HF Dinov2, timm,
+    nanorad)."""
+    sharded = Path(path).suffix == ".dcp" and (Path(path) / "state.json").is_file()
+    if sharded:
+        ckpt_state = json.loads((Path(path) / "state.json").read_text())
+    else:
+        is_safetensors_file = str(path).endswith(".safetensors") and Path(path).is_file()
+        ckpt_state = checkpoint_state_or_none(path) if is_safetensors_file else None
     if ckpt_state is None:
         return load_backbone(path, **config_overrides)
     backbone = ViT(ViTConfig(**{**ckpt_state["model"]["vit"], **config_overrides}))
-    prefix = "teacher.backbone."
-    load_state_strict(backbone, {k[len(prefix):]: v for k, v in read_safetensors(path)[0].items() if k.startswith(prefix)},
-                      str(path))
+    prefix, tensors = "teacher.backbone.", read_state_dict(path)[0]
+    load_state_strict(backbone, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, str(path))
     print(f"init_from: {path}: teacher backbone of a pretrain.py checkpoint (step {ckpt_state['step']})")
     return backbone
 

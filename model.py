@@ -389,10 +389,26 @@ def read_hf_safetensors(path):
     return read_safetensors(file)[0]
 
 
-def read_state_dict(path):
-    """Tensors and safetensors metadata from .safetensors, or an official .pth (never unpickled
-    beyond plain tensors: weights_only=True)."""
+def read_sharded_checkpoint(path):
+    """Every tensor of a pretrain.py fsdp checkpoint folder (ckpt.dcp / best.dcp: the torch.distributed.checkpoint
+    shards of the step its state.json names), whole, read in one process without a process group."""
+    # as torch's own dcp_to_torch_save reads one: dcp.load would fill a copy of the (empty) dict it is given
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner  # every saved key
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
     path = Path(path)
+    shards = path / json.loads((path / "state.json").read_text())["shards"]
+    tensors = {}
+    _load_state_dict(tensors, storage_reader=FileSystemReader(shards), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    return tensors
+
+
+def read_state_dict(path):
+    """Tensors and safetensors metadata from .safetensors, an official .pth (never unpickled beyond
+    plain tensors: weights_only=True), or a pretrain.py fsdp checkpoint folder (.dcp)."""
+    path = Path(path)
+    if path.suffix == ".dcp" and (path / "state.json").is_file():
+        return read_sharded_checkpoint(path), {}
     if path.is_dir():  # a HuggingFace model folder
         path = path / "model.safetensors"
     if not path.exists():

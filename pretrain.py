@@ -575,7 +575,7 @@ if __name__ == "__main__":
         if stopped == "rollback":
             print(f"GUARD RAIL: k-NN accuracy fell more than {rollback_drop} below its best {guard['best_score']:.4f} "
                   f"(step {guard['best_step']}); stopped. Continue from {best_path} (init_from= and "
-                  f"init_head_from= that file) with a lower base_lr or a longer head_warmup_iters.")
+                  f"init_head_from= that path) with a lower base_lr or a longer head_warmup_iters.")
         else:  # what downstream scripts load, and the DINO head for the next continual run's init_head_from=
             save_backbone(export_backbone, out / "teacher_backbone.safetensors")
             export_hf(export_backbone, out / "hf")

@@ -165,14 +165,6 @@ def descendants(pid):
     return [d for c in children for d in (int(c), *descendants(int(c)))]
 
 
-def sharded_tensors(ckpt_dir, tmp_path):
-    """Every tensor of a ckpt.dcp folder's current checkpoint, whole, read without processes."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    shards = ckpt_dir / json.loads((ckpt_dir / "state.json").read_text())["shards"]
-    dcp_to_torch_save(shards, tmp_path / f"{ckpt_dir.parent.name}.pt")
-    return torch.load(tmp_path / f"{ckpt_dir.parent.name}.pt")
-
-
 def test_fsdp_run_killed_mid_run_resumes_to_the_uninterrupted_runs_weights(tmp_path, fsdp_run):
     killed_dir = tmp_path / "killed"
     proc = torchrun_fsdp([], killed_dir)
@@ -186,7 +178,7 @@ def test_fsdp_run_killed_mid_run_resumes_to_the_uninterrupted_runs_weights(tmp_p
     assert 3 <= killed_at < 8, f"the run was not killed in time (checkpoint at step {killed_at})"
     resumed = finished(torchrun_fsdp(["--resume=True"], killed_dir))
     assert f"resumed from {killed_dir / 'ckpt.dcp'} at step {killed_at}" in resumed
-    full, again = (sharded_tensors(d / "ckpt.dcp", tmp_path) for d in (fsdp_run, killed_dir))
+    full, again = (model.read_sharded_checkpoint(d / "ckpt.dcp") for d in (fsdp_run, killed_dir))
     weights = [k for k in full if k.startswith(("student.", "teacher.", "optim.", "center."))]
     assert any(k.startswith("optim.backbone.") for k in weights) and set(weights) <= set(again)
     for k in weights:
@@ -201,6 +193,19 @@ def test_fsdp_exports_equal_the_one_process_runs(tmp_path, fsdp_run):
         assert set(ours) == set(theirs), name
         for k, v in ours.items():  # fp32; sharded gradient norms round differently
             torch.testing.assert_close(theirs[k], v, atol=1e-5, rtol=1e-5, msg=f"{name} {k}")
+
+
+def test_init_from_and_init_head_from_read_an_fsdp_checkpoint_folder(fsdp_run):
+    """The guard rail of an fsdp run points at best.dcp for init_from= and init_head_from=: one process
+    reads the folder's teacher backbone and DINO head, the weights the run exported at its last step."""
+    from checkpoint import load_init_backbone
+    backbone = load_init_backbone(fsdp_run / "ckpt.dcp").state_dict()
+    head = model.load_dino_head(fsdp_run / "ckpt.dcp").state_dict()
+    exported = model.load_backbone(fsdp_run / "teacher_backbone.safetensors", verbose=False).state_dict()
+    exported_head = load_file(str(fsdp_run / "dino_head.safetensors"))
+    assert backbone.keys() == exported.keys() and head.keys() == exported_head.keys()
+    assert all(torch.equal(backbone[k], exported[k]) for k in exported)
+    assert all(torch.equal(head[k], exported_head[k]) for k in exported_head)
 
 
 def test_an_unsharded_checkpoint_under_fsdp_names_the_mode_to_resume_it_with(tmp_path):
