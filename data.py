@@ -1725,6 +1725,12 @@ class StepBatchSampler(torch.utils.data.Sampler):
             yield [(self.index(p), item_seed(self.seed, p, 0), batch_seed) for p in range(first, first + self.batch_size)]
 
 
+def masked_patch_indices(masks):
+    """Flat indices into masks.flatten() of the masked patches (masks: bool (n_crops, N)): the rows of the
+    flattened patch tokens that pretrain.ssl_losses gathers for iBOT."""
+    return masks.flatten().nonzero().flatten()
+
+
 class MaskedCollate:
     """Batch MultiCropDataset items and draw the iBOT masks of their 2B global crops from the batch's
     own seed, as DINOv2's collate_data_and_cast. Of the 2B crops, int(2B * mask_probability) are
@@ -1762,7 +1768,7 @@ class MaskedCollate:
         masks += [mask_generator(0, generator) for _ in range(n_masked, n_crops)]
         order = torch.randperm(n_crops, generator=generator).tolist()
         masks = torch.stack([masks[j] for j in order]).flatten(1)
-        mask_indices = masks.flatten().nonzero().flatten()
+        mask_indices = masked_patch_indices(masks)
         return {**batch, "masks": masks, "mask_indices": mask_indices,
                 "masks_weight": (1 / masks.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(masks)[masks],
                 "n_masked_patches": torch.full((1,), len(mask_indices), dtype=torch.long), "upperbound": upperbound}

@@ -17,6 +17,7 @@ as probe.py's linear probe (linear_probe.py) of the frozen features; layerwise_d
 earlier blocks (BEiT; pretrain.py's grouping). The metrics (metrics.py) are hand-written (numpy) and
 follow the scikit-learn definitions that the papers' numbers were computed with.
 """
+import copy
 import dataclasses
 import json
 import math
@@ -358,8 +359,8 @@ if __name__ == "__main__":
     eval_loaders = {split: torch.utils.data.DataLoader(splits[split], batch_size=2 * batch_size, **loader_kwargs)
                     for split in ("val", "test")}
     if head_init == "probe":  # the probe reads the training images unaugmented, as the head sees val and test ones
-        unaugmented_train = load_splits(dataset, data_path, dict.fromkeys(data.SPLITS, eval_tf), csv_label,
-                                        phantom_sizes, phantom_px, intensity)[0]["train"]
+        unaugmented_train = copy.copy(splits["train"])  # the same images, not read again: only the transform differs
+        unaugmented_train.transform = eval_tf
         eval_loaders["train"] = torch.utils.data.DataLoader(unaugmented_train, 2 * batch_size, **loader_kwargs)
     steps_per_epoch = math.ceil(len(splits["train"]) / batch_size)
     total_steps, warmup_steps = epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)

@@ -40,7 +40,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: `python bench/pretrain.py`
 import pretrain as P  # noqa: E402  (the step it times is pretrain.py's own, as tests/test_pretrain.py tests it)
-from data import MaskingGenerator  # noqa: E402
+from data import MaskingGenerator, masked_patch_indices  # noqa: E402
 from distributed import ACTIVATION_CHECKPOINTING, PARALLEL_MODES, parallelize  # noqa: E402
 from model import ViT, vit_config  # noqa: E402
 from schedules import param_groups  # noqa: E402
@@ -176,7 +176,7 @@ def synthetic_batch(n_local, device, generator):
     return {"global_crops": torch.randn(2 * batch_size, 3, global_crops_size, global_crops_size, generator=generator).to(device),
             "local_crops": (torch.randn(n_local * batch_size, 3, local_crops_size, local_crops_size, generator=generator).to(device)
                             if n_local else None),
-            "masks": masks.to(device), "mask_indices": masks.flatten().nonzero().flatten().to(device)}
+            "masks": masks.to(device), "mask_indices": masked_patch_indices(masks).to(device)}
 
 
 def foreach_ema_(teachers, students, momentum):

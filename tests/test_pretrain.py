@@ -22,7 +22,7 @@ import model
 import pretrain as P
 from conftest import REPO, TINY_RUN, cpu_env, run_stage, run_tiny_pretrain
 from data import (MaskedCollate, MaskingGenerator, MultiCropDataset, SourceImageDataset, auto_source_px, item_seed,
-                  open_images)
+                  masked_patch_indices, open_images)
 from model import ViT, vit_config
 from schedules import build_schedules, param_groups
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -178,7 +178,7 @@ def tiny_batches(n_steps, seed=0):
 
 def with_indices(masks):
     """masks with their flat indices, as MaskedCollate gives them."""
-    return {"masks": masks, "mask_indices": masks.flatten().nonzero().flatten()}
+    return {"masks": masks, "mask_indices": masked_patch_indices(masks)}
 
 
 def rank_slice(batch, r, world):
