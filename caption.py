@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from config import configure
-from data import CaptionDataset, PhantomDataset, center_square, check_intensity, normalize, read_image
+from data import (CaptionDataset, PhantomDataset, center_square, check_intensity, normalize, read_image,
+                  read_jsonl_pairs)
 from figures import sample_sheet
 from metrics import caption_metrics, corpus_bleu
 from lora import BART_TARGETS, LLAMA_TARGETS, add_lora, merge_lora
@@ -173,28 +174,6 @@ def decode_captions(tok, sequences):
 
 
 # data: phantoms, or an image/caption index
-
-def read_jsonl_pairs(path, split, image_column, caption_column):
-    """Rows {image, caption[, split]} of a JSONL index, image paths resolved beside the file."""
-    path, rows = Path(path), []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        for column in (image_column, caption_column):
-            if not str(row.get(column, "")).strip():
-                raise ValueError(f"{path} line {line_no}: expected a non-empty '{column}', found {row.get(column)!r}")
-        if split is not None and row.get("split") != split:
-            continue
-        image = path.parent / row[image_column]
-        if not image.is_file():
-            raise FileNotFoundError(f"{path} line {line_no}: '{image_column}' names {row[image_column]}, "
-                                    f"but {image} does not exist")
-        rows.append({"image": str(image), "caption": row[caption_column].strip()})
-    if not rows:
-        raise ValueError(f"{path}: no rows with split '{split}'")
-    return rows
-
 
 def load_pairs(data_path, split, n_phantoms, img_size, seed, image_column="image", caption_column="caption",
                intensity="full_range"):

@@ -43,6 +43,7 @@ Image files (`intensity`: how 16-bit gray without a display window becomes [0,1]
     SegmentationPairsDataset(csv_path, split=None, transform=None, threshold=127, intensity="full_range")
                                                      item {"image", "mask"}
     CaptionDataset(csv_path, split=None, transform=None, intensity="full_range")   item {"image", "caption"}
+    read_jsonl_pairs(path, split, image_column, caption_column) -> [{"image": path, "caption"}] (JSONL index)
 Procedural default data (no files needed)
     make_phantom(rng, img_size, label, task="lesions") -> {"image", "label", "mask", "caption"}
     PhantomDataset(n, img_size=64, seed=0, split="train", transform=None, pair_transform=None, task="lesions")
@@ -88,6 +89,7 @@ Typical use
 import csv
 import hashlib
 import http.client
+import json
 import math
 import os
 import re
@@ -834,6 +836,27 @@ class CaptionDataset(torch.utils.data.Dataset):
         return {"image": self.transform(image) if self.transform else image,
                 "caption": row[self.caption_column].strip()}
 
+
+def read_jsonl_pairs(path, split, image_column, caption_column):
+    """Rows {image, caption[, split]} of a JSONL index, image paths resolved beside the file."""
+    path, rows = Path(path), []
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        for column in (image_column, caption_column):
+            if not str(row.get(column, "")).strip():
+                raise ValueError(f"{path} line {line_no}: expected a non-empty '{column}', found {row.get(column)!r}")
+        if split is not None and row.get("split") != split:
+            continue
+        image = path.parent / row[image_column]
+        if not image.is_file():
+            raise FileNotFoundError(f"{path} line {line_no}: '{image_column}' names {row[image_column]}, "
+                                    f"but {image} does not exist")
+        rows.append({"image": str(image), "caption": row[caption_column].strip()})
+    if not rows:
+        raise ValueError(f"{path}: no rows with split '{split}'")
+    return rows
 
 # ----------------------------------------------------------------------------------------------
 # Procedural chest-radiograph phantoms: the default dataset, so every script runs with no files
