@@ -170,18 +170,21 @@ def classification_metrics(labels, probs, multi_label):
 
 def probe_metrics(y_true, probs, class_names, multilabel=False):
     """Accuracy, AUROC (binary; one-vs-rest macro for multi-class; mean per label for multi-label)
-    and AUPRC per class (one-vs-rest) with its macro mean, the figures RAD-DINO reports."""
+    and AUPRC per class (one-vs-rest) with its macro mean, the figures RAD-DINO reports; and macro-F1 as
+    classification_metrics computes it, so that a probe row reads like a fine-tuning row."""
     probs = probs.double()
     if multilabel:
-        targets = y_true.long()
-        acc = float(((probs > 0.5).long() == targets).double().mean())  # mean per-label accuracy
+        targets, preds = y_true.long(), (probs > 0.5).long()
+        acc = float((preds == targets).double().mean())  # mean per-label accuracy
         auroc = float(np.nanmean(roc_auc_per_class(targets, probs)))
+        f1 = float(np.mean([f1_per_class(targets[:, c], preds[:, c], 2)[1] for c in range(targets.shape[1])]))
     else:
         targets = F.one_hot(y_true.long(), probs.shape[1])
         acc = accuracy(y_true.long(), probs.argmax(dim=1))
         auroc = roc_auc(y_true == 1, probs[:, 1]) if probs.shape[1] == 2 else roc_auc_ovr(y_true, probs)
+        f1 = macro_f1(y_true, probs.argmax(dim=1), probs.shape[1])
     per_class = auprc_per_class(targets, probs)
-    return {"accuracy": acc, "auroc": auroc, "auprc_macro": float(np.nanmean(per_class)),
+    return {"accuracy": acc, "f1_macro": f1, "auroc": auroc, "auprc_macro": float(np.nanmean(per_class)),
             "auprc_per_class": {str(name): float(v) for name, v in zip(class_names, per_class)}}
 
 

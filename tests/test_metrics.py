@@ -136,6 +136,7 @@ def test_probe_metrics_on_a_hand_computed_binary_case():
     m = probe_metrics(y, torch.stack([1 - p1, p1], dim=1), ["neg", "pos"])
     assert m["accuracy"] == pytest.approx(0.5)
     assert m["auroc"] == pytest.approx(3 / 4)  # positive > negative in 3 of 4 pairs
+    assert m["f1_macro"] == pytest.approx(0.5)  # argmax 0 1 0 1: each class TP 1, FP 1, FN 1 -> 2/4
     # ranked 0.8(+) 0.6(-) 0.4(+) 0.1(-): AP = 1/2 * 1 + 1/2 * 2/3
     assert m["auprc_per_class"]["pos"] == pytest.approx(0.5 + 1 / 3)
     # class 0 scored by 1 - p: ranked 0.9(-) 0.6(-)... negatives of class 1 are its positives:
