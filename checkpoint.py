@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 
 from distributed import distributed, rank, world_size
-from model import (ViT, ViTConfig, load_backbone, load_state_strict, read_safetensors, read_state_dict, save_json_atomic,
-                   save_safetensors_atomic)
+from model import (ViT, ViTConfig, is_sharded_checkpoint, load_backbone, load_state_strict, read_safetensors,
+                   read_state_dict, save_json_atomic, save_safetensors_atomic)
 
 
 def rng_states():
@@ -169,8 +169,7 @@ def load_init_backbone(path, **config_overrides):
     """A backbone to continue from: a pretrain.py checkpoint (its teacher, the better network; a file, or
     an fsdp run's .dcp folder) or anything model.load_backbone reads (official DINOv2 .pth, HF Dinov2, timm,
     nanorad)."""
-    sharded = Path(path).suffix == ".dcp" and (Path(path) / "state.json").is_file()
-    if sharded:
+    if is_sharded_checkpoint(path):
         ckpt_state = json.loads((Path(path) / "state.json").read_text())
     else:
         is_safetensors_file = str(path).endswith(".safetensors") and Path(path).is_file()

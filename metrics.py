@@ -57,6 +57,11 @@ def macro_f1(y_true, y_pred, n_classes):
     return float(f1_per_class(y_true, y_pred, n_classes).mean())
 
 
+def mean_positive_f1(labels, preds):
+    """Multi-label F1: the positive-class F1 of each label (column), averaged over the labels."""
+    return float(np.mean([f1_per_class(labels[:, c], preds[:, c], 2)[1] for c in range(labels.shape[1])]))
+
+
 def average_ranks(x):
     """1-based ranks of x, tied values sharing the mean of the ranks they span."""
     values, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
@@ -158,7 +163,7 @@ def classification_metrics(labels, probs, multi_label):
     if multi_label:
         pred = (probs >= 0.5).astype(np.int64)
         return {"acc": accuracy(labels.ravel(), pred.ravel()),
-                "f1": float(np.mean([f1_per_class(labels[:, c], pred[:, c], 2)[1] for c in range(labels.shape[1])])),
+                "f1": mean_positive_f1(labels, pred),
                 "auc": float(np.nanmean(roc_auc_per_class(labels, probs))),
                 "auprc": float(np.nanmean(auprc_per_class(labels, probs))),
                 "auprc_per_class": auprc_per_class(labels, probs).tolist()}
@@ -177,7 +182,7 @@ def probe_metrics(y_true, probs, class_names, multilabel=False):
         targets, preds = y_true.long(), (probs > 0.5).long()
         acc = float((preds == targets).double().mean())  # mean per-label accuracy
         auroc = float(np.nanmean(roc_auc_per_class(targets, probs)))
-        f1 = float(np.mean([f1_per_class(targets[:, c], preds[:, c], 2)[1] for c in range(targets.shape[1])]))
+        f1 = mean_positive_f1(targets, preds)
     else:
         targets = F.one_hot(y_true.long(), probs.shape[1])
         acc = accuracy(y_true.long(), probs.argmax(dim=1))

@@ -389,6 +389,11 @@ def read_hf_safetensors(path):
     return read_safetensors(file)[0]
 
 
+def is_sharded_checkpoint(path):
+    """Whether path is a pretrain.py fsdp checkpoint folder (ckpt.dcp / best.dcp with its state.json)."""
+    return Path(path).suffix == ".dcp" and (Path(path) / "state.json").is_file()
+
+
 def read_sharded_checkpoint(path):
     """Every tensor of a pretrain.py fsdp checkpoint folder (ckpt.dcp / best.dcp: the torch.distributed.checkpoint
     shards of the step its state.json names), whole, read in one process without a process group."""
@@ -407,7 +412,7 @@ def read_state_dict(path):
     """Tensors and safetensors metadata from .safetensors, an official .pth (never unpickled beyond
     plain tensors: weights_only=True), or a pretrain.py fsdp checkpoint folder (.dcp)."""
     path = Path(path)
-    if path.suffix == ".dcp" and (path / "state.json").is_file():
+    if is_sharded_checkpoint(path):
         return read_sharded_checkpoint(path), {}
     if path.is_dir():  # a HuggingFace model folder
         path = path / "model.safetensors"
